@@ -1,0 +1,106 @@
+"""The PyTorch backend: vectorised reference of DESIGN section 1, runs on any device.
+
+Per chunk of heads and q-tiles it forms the full score block, takes tile maxima, and replays
+the kernel's left-to-right walk over the read list with a cumulative max, so that the skip
+decisions equal those of a tile-by-tile online-softmax loop. It is the oracle for the Triton
+kernel and the CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+# Elements of one score block (chunk of heads x rows x Sk); bounds peak memory at a few
+# hundred MB in fp32 while keeping the work vectorised.
+_MAX_BLOCK_ELEMENTS = 1 << 25
+
+
+def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The reference decision, per row: does tile j raise the running max by more than ``threshold`` (log2)?
+
+    ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile,
+    which makes the first processed tile always kept.
+    """
+    return (tile_max - prev_max) * LOG2E > threshold
+
+
+def attention_forward(
+    q: torch.Tensor,  # (B, Sq, H, D)
+    k: torch.Tensor,  # (B, Sk, H, D)
+    v: torch.Tensor,  # (B, Sk, H, Dv)
+    read_dense: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) or None = every tile
+    keep_out: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) to fill with keep(j), or None
+    threshold: float,
+    scale: float,
+    tile_q: int,
+    tile_k: int,
+    must_do_k: Optional[torch.Tensor],  # bool (Nk,) k-tiles never dropped
+    must_do_q: Optional[torch.Tensor],  # bool (Mq,) q-tiles that drop nothing
+    return_lse: bool,
+):
+    """Returns ``(out (B, Sq, H, Dv) in q.dtype, lse (B, H, Sq) float32 or None)``.
+
+    ``keep_out`` receives ``keep(j) & read(j)`` (must-do applied), i.e. the next write list.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Dv = k.shape[1], v.shape[-1]
+    Mq, Nk = -(-Sq // tile_q), -(-Sk // tile_k)
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    device = q.device
+
+    out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device) if return_lse else None
+
+    # Rows per block: whole q-tiles, so the per-q-tile reduction of the decision stays in one block.
+    tiles_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, tile_q * Nk * tile_k))
+    heads_per_block = max(1, min(H, _MAX_BLOCK_ELEMENTS // max(1, tiles_per_block * tile_q * Nk * tile_k)))
+    pad_k = Nk * tile_k - Sk
+
+    for b in range(B):
+        for h0 in range(0, H, heads_per_block):
+            hs = slice(h0, min(H, h0 + heads_per_block))
+            kb = k[b, :, hs].transpose(0, 1).to(compute_dtype)  # (h, Sk, D)
+            vb = v[b, :, hs].transpose(0, 1).to(compute_dtype)  # (h, Sk, Dv)
+            for t0 in range(0, Mq, tiles_per_block):
+                t1 = min(Mq, t0 + tiles_per_block)
+                r0, r1 = t0 * tile_q, min(Sq, t1 * tile_q)
+                qb = q[b, r0:r1, hs].transpose(0, 1).to(compute_dtype)  # (h, rows, D)
+                scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # (h, rows, Sk)
+
+                if read_dense is None:
+                    read_tiles = torch.ones(scores.shape[0], t1 - t0, Nk, dtype=torch.bool, device=device)
+                else:
+                    read_tiles = read_dense[b, hs, t0:t1]  # (h, mq, Nk)
+                row_tile = torch.arange(r1 - r0, device=device) // tile_q  # q-tile of each row, in block
+                read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
+
+                if keep_out is not None:
+                    padded = torch.nn.functional.pad(scores, (0, pad_k), value=-math.inf)
+                    tile_max = padded.unflatten(-1, (Nk, tile_k)).amax(-1)  # (h, rows, Nk)
+                    seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
+                    prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
+                    keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
+                    rows_pad = (t1 - t0) * tile_q - (r1 - r0)
+                    keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)
+                    keep = keep_rows.unflatten(1, (t1 - t0, tile_q)).any(dim=2)  # (h, mq, Nk)
+                    if must_do_k is not None:
+                        keep |= must_do_k
+                    if must_do_q is not None:
+                        keep |= must_do_q[t0:t1, None]
+                    keep_out[b, hs, t0:t1] = keep & read_tiles
+
+                col_mask = read_rows.repeat_interleave(tile_k, dim=-1)[..., :Sk]  # (h, rows, Sk)
+                scores = scores.masked_fill(~col_mask, -math.inf)
+                row_lse = torch.logsumexp(scores, dim=-1)  # (h, rows); -inf where nothing is read
+                # Clamping keeps rows that read nothing at exp(-inf) = 0 instead of NaN.
+                probs = torch.exp(scores - row_lse.unsqueeze(-1).clamp_min(torch.finfo(compute_dtype).min))
+                ob = torch.matmul(probs, vb)  # (h, rows, Dv)
+                out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
+                if lse is not None:
+                    lse[b, hs, r0:r1] = row_lse.to(torch.float32)
+    return out, lse

@@ -1,0 +1,177 @@
+"""The stateless core: ``lite_attention(q, k, v, read=..., write=..., threshold=...)``.
+
+It validates, resolves the backend and dispatches; the skip state lives elsewhere
+(:class:`liteattn.SkipState`, or a :class:`liteattn.LiteAttention` per layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .backends import resolve_backend
+from .backends import torch_ref
+from .skip import Ranges, SkipList, compact_from_dense, normalize_ranges, num_tiles, tiles_overlapping
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v) -> None:
+    """ValueError/TypeError naming what is wrong with q, k, v and what is accepted."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); every dimension must be positive")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (B, Sq, H, D), (Bk, Sk, Hk, Dk), (Bv, Sv, Hv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv} (shapes are (B, S, H, D))")
+    if not (H == Hk == Hv):
+        raise ValueError(f"head counts differ: q {H}, k {Hk}, v {Hv} (shapes are (B, S, H, D))")
+    if D != Dk:
+        raise ValueError(f"q and k head dims differ: {D} vs {Dk}")
+    if Sk != Sv:
+        raise ValueError(f"k and v lengths differ: {Sk} vs {Sv}; they must have the same sequence length")
+
+
+def check_threshold(threshold) -> float:
+    """The skip threshold in log2 units: a real number <= 0, or -inf (keep every tile)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a real number <= 0 (log2 units) or -inf, got {threshold!r}")
+    threshold = float(threshold)
+    if math.isnan(threshold) or threshold > 0:
+        raise ValueError(f"threshold must be <= 0 (log2 units, typical -3 ... -12) or -inf, got {threshold}")
+    return threshold
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
+    if not isinstance(lst, SkipList):
+        raise TypeError(f"{name} must be a liteattn.SkipList (e.g. SkipState.read), got {type(lst).__name__}")
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    expected = (B, H, num_tiles(Sq, tile_q), num_tiles(Sk, tile_k))
+    if tuple(lst.shape) != expected or lst.seq_q != Sq or lst.seq_k != Sk:
+        raise ValueError(
+            f"{name} was built for (B, H, Mq, Nk) = {tuple(lst.shape)}, seq_q={lst.seq_q}, seq_k={lst.seq_k}; "
+            f"these inputs need {expected}, seq_q={Sq}, seq_k={Sk}"
+        )
+    if lst.device != q.device:
+        raise ValueError(f"{name} is on {lst.device} but the inputs are on {q.device}")
+
+
+@functools.lru_cache(maxsize=256)
+def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
+    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none (cached)."""
+    if not ranges:
+        return None
+    return tiles_overlapping(ranges, length, tile).to(device)
+
+
+def _resolve_tiles(read, write, tile_q, tile_k) -> Tuple[int, int]:
+    lists = [x for x in (read, write) if isinstance(x, SkipList)]
+    for lst in lists:
+        for name, given, got in (("tile_q", tile_q, lst.tile_q), ("tile_k", tile_k, lst.tile_k)):
+            if given is not None and given != got:
+                raise ValueError(f"{name}={given} disagrees with the skip list's {name}={got}")
+    if len(lists) == 2 and (lists[0].tile_q, lists[0].tile_k) != (lists[1].tile_q, lists[1].tile_k):
+        raise ValueError("read and write lists use different tile sizes")
+    if lists:
+        return lists[0].tile_q, lists[0].tile_k
+    tile_q = 128 if tile_q is None else tile_q
+    tile_k = 128 if tile_k is None else tile_k
+    for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+    return tile_q, tile_k
+
+
+def lite_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    read: Optional[SkipList] = None,
+    write: Optional[SkipList] = None,
+    threshold: float = -10.0,
+    scale: Optional[float] = None,
+    must_do=None,
+    must_do_q=None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+    tile_q: Optional[int] = None,
+    tile_k: Optional[int] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over the k-tiles of ``read``, filling ``write`` with the tiles that still matter.
+
+    Args:
+        q: ``(B, Sq, H, D)``; k: ``(B, Sk, H, D)``; v: ``(B, Sk, H, Dv)``; fp16, bf16, fp32 (fp64 on the
+            PyTorch backend), one device.
+        read: the :class:`SkipList` to compute; ``None`` computes every tile (dense attention).
+        write: the :class:`SkipList` to fill with the kept tiles of ``read`` (DESIGN section 1);
+            ``None`` decides nothing.
+        threshold: log2 units, ``<= 0``; a tile is kept when it raises some row's running max by more
+            than ``threshold``. ``-inf`` keeps everything.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        must_do: key-token ranges ``[(start, end), ...]`` (or flat ``[a0, b0, ...]``) whose k-tiles are
+            never dropped.
+        must_do_q: query-token ranges whose q-tiles never drop a tile (e.g. text rows in joint attention).
+        return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
+        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
+        tile_q, tile_k: tile sizes when no list is given (default 128); must match the lists otherwise.
+
+    Returns:
+        ``out (B, Sq, H, Dv)`` in the input dtype, or ``(out, lse)``.
+    """
+    _check_inputs(q, k, v)
+    threshold = check_threshold(threshold)
+    scale = _check_scale(scale, q.shape[-1])
+    tile_q, tile_k = _resolve_tiles(read, write, tile_q, tile_k)
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    for name, lst in (("read", read), ("write", write)):
+        if lst is not None:
+            _check_list(name, lst, q, k, tile_q, tile_k)
+    if read is not None and write is not None and read.kv_indices.data_ptr() == write.kv_indices.data_ptr():
+        raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
+    must_do_k_tiles = tile_mask(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
+    must_do_q_tiles = tile_mask(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
+
+    name = resolve_backend(backend, q.device)
+    if name == "triton":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"the Triton backend takes float16 or bfloat16, got {q.dtype}; use backend='torch'")
+        from .backends.triton_kernel_launch import triton_attention
+
+        out, lse = triton_attention(q, k, v, read, write, threshold, scale, tile_q, tile_k,
+                                    must_do_k_tiles, must_do_q_tiles, return_lse)
+    else:
+        keep = None
+        if write is not None:
+            keep = torch.empty(write.shape, dtype=torch.bool, device=q.device)
+        out, lse = torch_ref.attention_forward(
+            q, k, v, None if read is None else read.to_dense(), keep, threshold, scale, tile_q, tile_k,
+            must_do_k_tiles, must_do_q_tiles, return_lse,
+        )
+        if write is not None:
+            compact_from_dense(keep, write.kv_indices, write.kv_counts)
+    return (out, lse) if return_lse else out
