@@ -160,7 +160,7 @@ def lite_attention(
     if name == "triton":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"the Triton backend takes float16 or bfloat16, got {q.dtype}; use backend='torch'")
-        from .backends.triton_kernel_launch import triton_attention
+        from .backends.triton_launch import triton_attention
 
         out, lse = triton_attention(q, k, v, read, write, threshold, scale, tile_q, tile_k,
                                     must_do_k_tiles, must_do_q_tiles, return_lse)
