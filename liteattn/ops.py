@@ -7,15 +7,18 @@ It validates, resolves the backend and dispatches; the skip state lives elsewher
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
 from typing import Optional, Tuple, Union
 
 import torch
 
-from .backends import resolve_backend
-from .backends import torch_ref
-from .skip import Ranges, SkipList, compact_from_dense, normalize_ranges, num_tiles, tiles_overlapping
+from .backends import resolve_backend, torch_ref, unsupported_reason
+from .skip import (Ranges, SkipList, compact_from_dense, dense_from_compact, normalize_ranges, num_tiles,
+                   tiles_overlapping)
+
+logger = logging.getLogger("liteattn")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -77,14 +80,56 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
         )
     if lst.device != q.device:
         raise ValueError(f"{name} is on {lst.device} but the inputs are on {q.device}")
+    if not (lst.kv_indices.is_contiguous() and lst.kv_counts.is_contiguous()):
+        raise ValueError(f"{name}.kv_indices and {name}.kv_counts must be contiguous (call .clone() on the list)")
+
+
+def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
+    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none."""
+    return _cached_tile_mask(ranges, length, tile, device) if ranges else None
 
 
 @functools.lru_cache(maxsize=256)
-def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
-    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none (cached)."""
-    if not ranges:
-        return None
+def _cached_tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> torch.Tensor:
     return tiles_overlapping(ranges, length, tile).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(reason: str) -> None:
+    logger.warning("liteattn: using the PyTorch backend: %s", reason)
+
+
+@torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts"))
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    read_indices: Optional[torch.Tensor], read_counts: Optional[torch.Tensor],
+    write_indices: Optional[torch.Tensor], write_counts: Optional[torch.Tensor],
+    must_do_k: Optional[torch.Tensor], must_do_q: Optional[torch.Tensor],
+    threshold: float, scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op torch.compile sees: inputs validated, backend resolved. lse is empty unless return_lse."""
+    if backend == "triton":
+        from .backends.triton_launch import triton_attention
+
+        out, lse = triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts,
+                                    must_do_k, must_do_q, threshold, scale, tile_q, tile_k, return_lse)
+    else:
+        read_dense = None if read_indices is None else dense_from_compact(read_indices, read_counts)
+        keep = None if write_indices is None else torch.empty(write_indices.shape, dtype=torch.bool, device=q.device)
+        out, lse = torch_ref.attention_forward(q, k, v, read_dense, keep, threshold, scale, tile_q, tile_k,
+                                               must_do_k, must_do_q, return_lse)
+        if keep is not None:
+            compact_from_dense(keep, write_indices, write_counts)
+    return out, (lse if lse is not None else q.new_empty(0, dtype=torch.float32))
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, scale,
+      tile_q, tile_k, return_lse, backend):
+    B, Sq, H, _ = q.shape
+    out = q.new_empty(B, Sq, H, v.shape[-1])
+    lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
 
 
 def _resolve_tiles(read, write, tile_q, tile_k) -> Tuple[int, int]:
@@ -158,20 +203,17 @@ def lite_attention(
 
     name = resolve_backend(backend, q.device)
     if name == "triton":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"the Triton backend takes float16 or bfloat16, got {q.dtype}; use backend='torch'")
-        from .backends.triton_launch import triton_attention
+        reason = unsupported_reason(q, v, tile_q, tile_k)
+        if reason is not None:
+            if backend == "triton":
+                raise ValueError(f"backend='triton': {reason}; use backend='torch' or None")
+            _log_fallback_once(reason)
+            name = "torch"
 
-        out, lse = triton_attention(q, k, v, read, write, threshold, scale, tile_q, tile_k,
-                                    must_do_k_tiles, must_do_q_tiles, return_lse)
-    else:
-        keep = None
-        if write is not None:
-            keep = torch.empty(write.shape, dtype=torch.bool, device=q.device)
-        out, lse = torch_ref.attention_forward(
-            q, k, v, None if read is None else read.to_dense(), keep, threshold, scale, tile_q, tile_k,
-            must_do_k_tiles, must_do_q_tiles, return_lse,
-        )
-        if write is not None:
-            compact_from_dense(keep, write.kv_indices, write.kv_counts)
+    out, lse = torch.ops.liteattn.attention_fwd(
+        q, k, v,
+        None if read is None else read.kv_indices, None if read is None else read.kv_counts,
+        None if write is None else write.kv_indices, None if write is None else write.kv_counts,
+        must_do_k_tiles, must_do_q_tiles, threshold, scale, tile_q, tile_k, return_lse, name,
+    )
     return (out, lse) if return_lse else out

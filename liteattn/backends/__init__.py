@@ -12,12 +12,27 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Optional
 
 import torch
 
 logger = logging.getLogger("liteattn")
 
 BACKENDS = ("torch", "triton")
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_TILES = (64, 128)
+
+
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int) -> Optional[str]:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Triton kernel takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton kernel supports head dims {SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    if tile_q not in SUPPORTED_TILES or tile_k not in SUPPORTED_TILES:
+        return f"the Triton kernel supports tile sizes {SUPPORTED_TILES}, got tile_q={tile_q}, tile_k={tile_k}"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,197 @@
+"""Triton forward kernel of LiteAttention: online-softmax attention over a skip list.
+
+One program per (q-tile, batch*head). It walks the k-tiles of its read list in ascending
+order (jumping straight from one listed tile to the next), computes exact online-softmax
+attention over them, and records in the write list the tiles that raised some row's running
+max by more than ``threshold`` (log2 units) — DESIGN.md section 1. Scores are kept in log2
+units (``qk_scale = scale * log2(e)``), so the decision needs no conversion.
+
+Only ``@triton.jit`` code and its autotune configs live here; liteattn/backends/triton_launch.py
+owns allocation, descriptors and the grid.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Compute tiles: BLOCK_M is the skip tile's q extent (one decision per program); BLOCK_N divides
+# the skip tile's k extent. Configs are generated and pruned here, nowhere else.
+PINNED_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _configs():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("LITEATTN_PIN_CONFIG"):
+        pinned = dict(PINNED_CONFIG)
+        return [triton.Config({"BLOCK_N": pinned.pop("BLOCK_N")}, **pinned, pre_hook=_set_block_shapes)]
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+        for bn in (64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    tile_k = named_args["TILE_K"] if "TILE_K" in named_args else kwargs["TILE_K"]
+    kept = [c for c in configs if tile_k % c.kwargs["BLOCK_N"] == 0]
+    return kept or configs[:1]
+
+
+def _set_block_shapes(nargs):
+    block_n = nargs["BLOCK_N"]
+    nargs["q_desc"].block_shape = [nargs["TILE_Q"], nargs["HEAD_DIM"]]
+    nargs["k_desc"].block_shape = [block_n, nargs["HEAD_DIM"]]
+    nargs["v_desc"].block_shape = [block_n, nargs["HEAD_DIM_V"]]
+
+
+@triton.jit
+def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start_n, seq_k, qk_scale,
+                   TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
+                   TRACK_MAX: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Online softmax over the TILE_K keys from ``start_n``; returns the tile's row max too (log2 units)."""
+    tile_max = tl.full([TILE_Q], float("-inf"), tl.float32)
+    for sub in tl.static_range(TILE_K // BLOCK_N):
+        n0 = start_n + sub * BLOCK_N
+        k = k_desc.load([kv_row + n0, k_col])
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        if MASK_COLS:  # only the last k-tile of a ragged sequence; rows past seq_k belong to the next batch
+            cols = n0 + tl.arange(0, BLOCK_N)
+            qk = tl.where(cols[None, :] < seq_k, qk, float("-inf"))
+        block_max = tl.max(qk, 1) * qk_scale
+        if TRACK_MAX:
+            tile_max = tl.maximum(tile_max, block_max)
+        m_new = tl.maximum(m_i, block_max)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_desc.load([kv_row + n0, v_col])
+        if UPCAST_DOT:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i, tile_max
+
+
+@triton.jit
+def _step(acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+          read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
+          TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
+          READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Process the ``idx``-th k-tile of the read list and record the decision in the write list."""
+    if READ_LIST:
+        j = tl.load(read_idx_ptr + list_off + idx)
+    else:
+        j = idx
+    m_prev = m_i
+    acc, l_i, m_i, tile_max = _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K,
+                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_LIST,
+                                             UPCAST_DOT)
+    if WRITE_LIST:
+        # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first tile.
+        gain = tl.where(row_valid, tile_max - m_prev, float("-inf"))
+        keep = (tl.max(gain, 0) > threshold) | keep_all
+        if HAS_MUST_DO_K:
+            keep = keep | (tl.load(must_do_k_ptr + j) != 0)
+        tl.store(write_idx_ptr + list_off + n_written, j, mask=keep)
+        n_written += keep.to(tl.int32)
+    return acc, l_i, m_i, n_written
+
+
+@triton.jit
+def _lite_attn_fwd(
+    q_desc, k_desc, v_desc,  # 2-D descriptors over (B*S, H*D) views
+    o_ptr, lse_ptr,
+    read_idx_ptr, read_cnt_ptr, write_idx_ptr, write_cnt_ptr,
+    must_do_k_ptr, must_do_q_ptr,
+    stride_ob, stride_os, stride_oh,
+    seq_q, seq_k, num_heads, num_q_tiles, num_k_tiles,
+    qk_scale, threshold,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
+    RETURN_LSE: tl.constexpr, MASK_TAIL: tl.constexpr, USE_WHILE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    q_row = b * seq_q + pid_m * TILE_Q
+    kv_row = b * seq_k
+    rows = pid_m * TILE_Q + tl.arange(0, TILE_Q)
+    row_valid = rows < seq_q
+    cnt_off = (pid_bh.to(tl.int64) * num_q_tiles + pid_m)
+    list_off = cnt_off * num_k_tiles
+
+    q = q_desc.load([q_row, h * HEAD_DIM])
+    if UPCAST_DOT:  # the interpreter's bf16 dot is wrong (triton 3.6); do it in fp32 there
+        q = q.to(tl.float32)
+    m_i = tl.full([TILE_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE_Q], tl.float32)
+    acc = tl.zeros([TILE_Q, HEAD_DIM_V], tl.float32)
+    keep_all = False
+    if HAS_MUST_DO_Q:
+        keep_all = tl.load(must_do_q_ptr + pid_m) != 0
+
+    if READ_LIST:
+        count = tl.load(read_cnt_ptr + cnt_off)
+    else:
+        count = num_k_tiles
+    n_main = count
+    if MASK_TAIL:
+        # The ragged last k-tile can only come last in an ascending list; it alone gets the column mask.
+        if READ_LIST:
+            last = tl.load(read_idx_ptr + list_off + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
+        else:
+            last = num_k_tiles - 1
+        n_main = count - (last == num_k_tiles - 1).to(tl.int32)
+    n_written = 0
+
+    if USE_WHILE:  # the interpreter cannot run a for-loop whose bound was loaded from memory
+        idx = 0
+        while idx < n_main:
+            acc, l_i, m_i, n_written = _step(
+                acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
+                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, False, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
+                UPCAST_DOT)
+            idx += 1
+    else:
+        for idx in tl.range(0, n_main):
+            acc, l_i, m_i, n_written = _step(
+                acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
+                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, False, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
+                UPCAST_DOT)
+    if MASK_TAIL:
+        if n_main < count:
+            acc, l_i, m_i, n_written = _step(
+                acc, l_i, m_i, n_written, n_main, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
+                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, True, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
+                UPCAST_DOT)
+
+    if WRITE_LIST:
+        tl.store(write_cnt_ptr + cnt_off, n_written)
+
+    # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    cols_v = tl.arange(0, HEAD_DIM_V)
+    o_offs = (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + rows.to(tl.int64)[:, None] * stride_os + cols_v[None, :])
+    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
+    if RETURN_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_valid)
+
+
+lite_attn_fwd = triton.autotune(
+    configs=_configs(),
+    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_LIST", "MASK_TAIL"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_lite_attn_fwd)

@@ -1,0 +1,60 @@
+"""Launcher of the Triton kernel: layout checks, descriptors, allocation and grid."""
+
+from __future__ import annotations
+
+import functools
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .triton_kernel import lite_attn_fwd
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> a (B*S, H*D) view with unit last stride (a copy only when no such view exists)."""
+    B, S, H, D = x.shape
+    aligned = x.stride(1) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0
+    if not (x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == S * x.stride(1)) and aligned):
+        x = x.contiguous()
+    return x.as_strided((B * S, H * D), (x.stride(1), 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q,
+                     threshold: float, scale: float, tile_q: int, tile_k: int, return_lse: bool):
+    """Launch the kernel. Lists are contiguous int32; must-do masks bool per tile; returns (out, lse)."""
+    B, Sq, H, D = q.shape
+    Sk, Dv = k.shape[1], v.shape[-1]
+    mq, nk = -(-Sq // tile_q), -(-Sk // tile_k)
+    out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    int_ph = _placeholder(q.device, torch.int32)
+    q2, k2, v2 = _rows_view(q), _rows_view(k), _rows_view(v)
+    # Block shapes are set per autotune config by the kernel's pre-hook.
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [tile_q, D])
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [64, D])
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [64, Dv])
+    grid = (mq, B * H)
+    lite_attn_fwd[grid](
+        q_desc, k_desc, v_desc,
+        out, lse if lse is not None else _placeholder(q.device, torch.float32),
+        read_indices if read_indices is not None else int_ph,
+        read_counts if read_counts is not None else int_ph,
+        write_indices if write_indices is not None else int_ph,
+        write_counts if write_counts is not None else int_ph,
+        must_do_k.view(torch.uint8) if must_do_k is not None else _placeholder(q.device, torch.uint8),
+        must_do_q.view(torch.uint8) if must_do_q is not None else _placeholder(q.device, torch.uint8),
+        out.stride(0), out.stride(1), out.stride(2),
+        Sq, Sk, H, mq, nk,
+        scale * 1.4426950408889634, threshold,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, TILE_Q=tile_q, TILE_K=tile_k,
+        READ_LIST=read_indices is not None, WRITE_LIST=write_indices is not None,
+        HAS_MUST_DO_K=must_do_k is not None, HAS_MUST_DO_Q=must_do_q is not None,
+        RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
+        USE_WHILE=q.device.type == "cpu",
+        UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+    )
+    return out, lse
