@@ -116,7 +116,9 @@ class LiteAttention:
         return self._state
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None,
-                 return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None):
+                 return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None, must_do_q_list=None):
+        """``must_do_list`` / ``must_skip_list``: key-token ranges; ``must_do_q_list``: query-token ranges whose
+        q-tiles never drop a tile (text rows of joint attention). All are half-open ``[(start, end), ...]``."""
         _check_inputs(query, key, value)
         if query.shape[0] > self.max_batch_size:
             raise ValueError(f"batch size {query.shape[0]} exceeds max_batch_size={self.max_batch_size}; "
@@ -129,7 +131,8 @@ class LiteAttention:
         state = self._ensure_state(query, key, value, must_skip)
         read, write = state.read, state.write
         result = lite_attention(query, key, value, read=read, write=write, threshold=self._threshold, scale=scale,
-                                must_do=must_do_list, return_lse=return_softmax_lse, backend=self.backend)
+                                must_do=must_do_list, must_do_q=must_do_q_list,
+                                return_lse=return_softmax_lse, backend=self.backend)
         self._last_read_counts = read.kv_counts
         state.swap()
         return result
