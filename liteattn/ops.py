@@ -196,7 +196,9 @@ def lite_attention(
     for name, lst in (("read", read), ("write", write)):
         if lst is not None:
             _check_list(name, lst, q, k, tile_q, tile_k)
-    if read is not None and write is not None and read.kv_indices.data_ptr() == write.kv_indices.data_ptr():
+    # (data_ptr is opaque to torch.compile; the check runs in eager mode.)
+    if (read is not None and write is not None and not torch.compiler.is_compiling()
+            and read.kv_indices.data_ptr() == write.kv_indices.data_ptr()):
         raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
     must_do_k_tiles = tile_mask(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
     must_do_q_tiles = tile_mask(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)

@@ -77,27 +77,30 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
 
 
 @triton.jit
-def _step(acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
-          read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
+def _step(acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+          write_row_ptr, must_do_k_ptr, keep_all, row_valid,
           TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
-          READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Process the ``idx``-th k-tile of the read list and record the decision in the write list."""
-    if READ_LIST:
-        j = tl.load(read_idx_ptr + list_off + idx)
-    else:
-        j = idx
+          WRITE_MODE: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Process k-tile ``j`` and record its decision (WRITE_MODE 1: compact now; 2: set a flag)."""
     m_prev = m_i
     acc, l_i, m_i, tile_max = _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K,
-                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_LIST,
+                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_MODE > 0,
                                              UPCAST_DOT)
-    if WRITE_LIST:
+    if WRITE_MODE > 0:
         # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first tile.
-        gain = tl.where(row_valid, tile_max - m_prev, float("-inf"))
-        keep = (tl.max(gain, 0) > threshold) | keep_all
+        must = keep_all
         if HAS_MUST_DO_K:
-            keep = keep | (tl.load(must_do_k_ptr + j) != 0)
-        tl.store(write_idx_ptr + list_off + n_written, j, mask=keep)
-        n_written += keep.to(tl.int32)
+            must = must | (tl.load(must_do_k_ptr + j) != 0)
+        if WRITE_MODE == 1:
+            gain = tl.where(row_valid, tile_max - m_prev, float("-inf"))
+            keep = (tl.max(gain, 0) > threshold) | must
+            tl.store(write_row_ptr + n_written, j, mask=keep)
+            n_written += keep.to(tl.int32)
+        else:
+            # Each row that keeps the tile sets its flag: no cross-warp reduction (and no barrier) per tile.
+            keep_row = ((tile_max - m_prev) > threshold) & row_valid
+            tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
+            tl.store(write_row_ptr + j, 1, mask=must)
     return acc, l_i, m_i, n_written
 
 
@@ -111,9 +114,10 @@ def _lite_attn_fwd(
     seq_q, seq_k, num_heads, num_q_tiles, num_k_tiles,
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, NK_POW2: tl.constexpr,
+    READ_LIST: tl.constexpr, WRITE_MODE: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
     RETURN_LSE: tl.constexpr, MASK_TAIL: tl.constexpr, USE_WHILE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
     pid_bh = tl.program_id(1)
@@ -126,6 +130,11 @@ def _lite_attn_fwd(
     row_valid = rows < seq_q
     cnt_off = (pid_bh.to(tl.int64) * num_q_tiles + pid_m)
     list_off = cnt_off * num_k_tiles
+    read_row_ptr = read_idx_ptr + list_off
+    write_row_ptr = write_idx_ptr + list_off
+    tiles = tl.arange(0, NK_POW2)
+    if WRITE_MODE == 2:
+        tl.store(write_row_ptr + tiles, 0, mask=tiles < num_k_tiles)
 
     q = q_desc.load([q_row, h * HEAD_DIM])
     if UPCAST_DOT:  # the interpreter's bf16 dot is wrong (triton 3.6); do it in fp32 there
@@ -145,38 +154,63 @@ def _lite_attn_fwd(
     if MASK_TAIL:
         # The ragged last k-tile can only come last in an ascending list; it alone gets the column mask.
         if READ_LIST:
-            last = tl.load(read_idx_ptr + list_off + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
+            last = tl.load(read_row_ptr + tl.maximum(count - 1, 0), mask=count > 0, other=-1)
         else:
             last = num_k_tiles - 1
         n_main = count - (last == num_k_tiles - 1).to(tl.int32)
     n_written = 0
+    k_col = h * HEAD_DIM
+    v_col = h * HEAD_DIM_V
 
     if USE_WHILE:  # the interpreter cannot run a for-loop whose bound was loaded from memory
         idx = 0
         while idx < n_main:
+            if READ_LIST:
+                j = tl.load(read_row_ptr + idx)
+            else:
+                j = idx
             acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
-                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
-                UPCAST_DOT)
+                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
             idx += 1
+    elif PREFETCH and READ_LIST:
+        # The next tile index is loaded one iteration ahead, so no K/V load waits on it.
+        j_next = tl.load(read_row_ptr, mask=n_main > 0, other=0)
+        for idx in tl.range(0, n_main):
+            j = j_next
+            j_next = tl.load(read_row_ptr + idx + 1, mask=idx + 1 < n_main, other=0)
+            acc, l_i, m_i, n_written = _step(
+                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
     else:
         for idx in tl.range(0, n_main):
+            if READ_LIST:
+                j = tl.load(read_row_ptr + idx)
+            else:
+                j = idx
             acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, idx, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
-                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
-                UPCAST_DOT)
+                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
     if MASK_TAIL:
         if n_main < count:
             acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, n_main, q, k_desc, v_desc, kv_row, h * HEAD_DIM, h * HEAD_DIM_V, seq_k,
-                qk_scale, threshold, read_idx_ptr, write_idx_ptr, list_off, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, True, READ_LIST, WRITE_LIST, HAS_MUST_DO_K,
-                UPCAST_DOT)
+                acc, l_i, m_i, n_written, num_k_tiles - 1, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale,
+                threshold, write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                TILE_Q, TILE_K, BLOCK_N, True, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
 
-    if WRITE_LIST:
+    if WRITE_MODE == 1:
         tl.store(write_cnt_ptr + cnt_off, n_written)
+    if WRITE_MODE == 2:
+        # Compact the flags into ascending indices, in place; the barriers order the row's loads and stores.
+        tl.debug_barrier()
+        keep = tl.load(write_row_ptr + tiles, mask=tiles < num_k_tiles, other=0) != 0
+        position = tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.debug_barrier()
+        tl.store(write_row_ptr + position, tiles, mask=keep)
+        tl.store(write_cnt_ptr + cnt_off, tl.sum(keep.to(tl.int32), 0))
 
     # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -192,6 +226,7 @@ def _lite_attn_fwd(
 
 lite_attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_LIST", "MASK_TAIL"],
+    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_MODE", "MASK_TAIL",
+         "PREFETCH"],
     prune_configs_by={"early_config_prune": _prune},
 )(_lite_attn_fwd)
