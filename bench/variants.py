@@ -21,8 +21,8 @@ lists = {s: random_lists(B, H, S, 128, s, 0, "cuda") for s in (0.0, 0.5, 0.9)}
 rows = []
 dense_ms = t(lambda: lite_attention(q, k, v, backend="triton"))
 rows.append(("dense", "-", "-", dense_ms))
-for prefetch in (False, True):
-    for mode in (1, 2):
+for prefetch in (True,):
+    for mode in ((1, 2, 3) if prefetch else (1,)):
         triton_launch._PREFETCH, triton_launch._WRITE_MODE = prefetch, mode
         for s, read in lists.items():
             write = SkipList(torch.empty_like(read.kv_indices), torch.empty_like(read.kv_counts), 128, 128, S, S)

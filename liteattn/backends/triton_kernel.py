@@ -26,9 +26,8 @@ def _configs():
         return [triton.Config({"BLOCK_N": pinned.pop("BLOCK_N")}, **pinned, pre_hook=_set_block_shapes)]
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
+        for bn, w, s in [(64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4),
+                         (128, 4, 2), (128, 8, 2), (128, 8, 3)]
     ]
 
 
@@ -105,6 +104,24 @@ def _step(acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, 
 
 
 @triton.jit
+def _compact_row(row_ptr, count_ptr, num_k_tiles, NK_POW2: tl.constexpr):
+    """Turn a row of 0/1 flags into ascending tile indices, in place, and store their count."""
+    tiles = tl.arange(0, NK_POW2)
+    keep = tl.load(row_ptr + tiles, mask=tiles < num_k_tiles, other=0) != 0
+    position = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.debug_barrier()  # every flag is loaded before any is overwritten
+    tl.store(row_ptr + position, tiles, mask=keep)
+    tl.store(count_ptr, tl.sum(keep.to(tl.int32), 0))
+
+
+@triton.jit
+def compact_flags(write_idx_ptr, write_cnt_ptr, num_k_tiles, NK_POW2: tl.constexpr):
+    """Second pass of WRITE_MODE 3: one program per (b, h, q-tile) row of the write list."""
+    row = tl.program_id(0).to(tl.int64)
+    _compact_row(write_idx_ptr + row * num_k_tiles, write_cnt_ptr + row, num_k_tiles, NK_POW2)
+
+
+@triton.jit
 def _lite_attn_fwd(
     q_desc, k_desc, v_desc,  # 2-D descriptors over (B*S, H*D) views
     o_ptr, lse_ptr,
@@ -133,7 +150,7 @@ def _lite_attn_fwd(
     read_row_ptr = read_idx_ptr + list_off
     write_row_ptr = write_idx_ptr + list_off
     tiles = tl.arange(0, NK_POW2)
-    if WRITE_MODE == 2:
+    if WRITE_MODE >= 2:
         tl.store(write_row_ptr + tiles, 0, mask=tiles < num_k_tiles)
 
     q = q_desc.load([q_row, h * HEAD_DIM])
@@ -204,13 +221,8 @@ def _lite_attn_fwd(
     if WRITE_MODE == 1:
         tl.store(write_cnt_ptr + cnt_off, n_written)
     if WRITE_MODE == 2:
-        # Compact the flags into ascending indices, in place; the barriers order the row's loads and stores.
         tl.debug_barrier()
-        keep = tl.load(write_row_ptr + tiles, mask=tiles < num_k_tiles, other=0) != 0
-        position = tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.debug_barrier()
-        tl.store(write_row_ptr + position, tiles, mask=keep)
-        tl.store(write_cnt_ptr + cnt_off, tl.sum(keep.to(tl.int32), 0))
+        _compact_row(write_row_ptr, write_cnt_ptr + cnt_off, num_k_tiles, NK_POW2)
 
     # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -9,10 +9,10 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_kernel import lite_attn_fwd
+from .triton_kernel import compact_flags, lite_attn_fwd
 
 # Experiment switches (bench/NOTES.md); the defaults are the measured winners.
-_WRITE_MODE = int(os.environ.get("LITEATTN_WRITE_MODE", "2"))
+_WRITE_MODE = int(os.environ.get("LITEATTN_WRITE_MODE", "3"))
 _PREFETCH = os.environ.get("LITEATTN_PREFETCH", "1") == "1"
 
 
@@ -66,4 +66,6 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         PREFETCH=_PREFETCH,
     )
+    if write_indices is not None and _WRITE_MODE == 3:
+        compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk), num_warps=4)
     return out, lse
