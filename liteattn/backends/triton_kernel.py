@@ -76,31 +76,25 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
 
 
 @triton.jit
-def _step(acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+def _step(acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
           write_row_ptr, must_do_k_ptr, keep_all, row_valid,
           TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
-          WRITE_MODE: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Process k-tile ``j`` and record its decision (WRITE_MODE 1: compact now; 2: set a flag)."""
+          WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Process k-tile ``j`` and flag it in the write row if it is kept."""
     m_prev = m_i
     acc, l_i, m_i, tile_max = _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K,
-                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_MODE > 0,
+                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_LIST,
                                              UPCAST_DOT)
-    if WRITE_MODE > 0:
-        # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first tile.
+    if WRITE_LIST:
+        # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first
+        # tile. Each such row sets the tile's flag in the write row: no cross-warp reduction, no barrier per tile.
+        keep_row = ((tile_max - m_prev) > threshold) & row_valid
+        tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
         must = keep_all
         if HAS_MUST_DO_K:
             must = must | (tl.load(must_do_k_ptr + j) != 0)
-        if WRITE_MODE == 1:
-            gain = tl.where(row_valid, tile_max - m_prev, float("-inf"))
-            keep = (tl.max(gain, 0) > threshold) | must
-            tl.store(write_row_ptr + n_written, j, mask=keep)
-            n_written += keep.to(tl.int32)
-        else:
-            # Each row that keeps the tile sets its flag: no cross-warp reduction (and no barrier) per tile.
-            keep_row = ((tile_max - m_prev) > threshold) & row_valid
-            tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
-            tl.store(write_row_ptr + j, 1, mask=must)
-    return acc, l_i, m_i, n_written
+        tl.store(write_row_ptr + j, 1, mask=must)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -116,7 +110,10 @@ def _compact_row(row_ptr, count_ptr, num_k_tiles, NK_POW2: tl.constexpr):
 
 @triton.jit
 def compact_flags(write_idx_ptr, write_cnt_ptr, num_k_tiles, NK_POW2: tl.constexpr):
-    """Second pass of WRITE_MODE 3: one program per (b, h, q-tile) row of the write list."""
+    """Second pass after the attention kernel: one program per (b, h, q-tile) row of the write list.
+
+    (Compacting inside the attention kernel costs a barrier-bound epilogue per program: +5% at 90%
+    sparsity against +2.5% for this separate pass; bench/NOTES.md.)"""
     row = tl.program_id(0).to(tl.int64)
     _compact_row(write_idx_ptr + row * num_k_tiles, write_cnt_ptr + row, num_k_tiles, NK_POW2)
 
@@ -132,9 +129,8 @@ def _lite_attn_fwd(
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
     BLOCK_N: tl.constexpr, NK_POW2: tl.constexpr,
-    READ_LIST: tl.constexpr, WRITE_MODE: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
+    READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
     RETURN_LSE: tl.constexpr, MASK_TAIL: tl.constexpr, USE_WHILE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
     pid_bh = tl.program_id(1)
@@ -149,8 +145,8 @@ def _lite_attn_fwd(
     list_off = cnt_off * num_k_tiles
     read_row_ptr = read_idx_ptr + list_off
     write_row_ptr = write_idx_ptr + list_off
-    tiles = tl.arange(0, NK_POW2)
-    if WRITE_MODE >= 2:
+    if WRITE_LIST:  # flags, turned into the compact list by compact_flags after this kernel
+        tiles = tl.arange(0, NK_POW2)
         tl.store(write_row_ptr + tiles, 0, mask=tiles < num_k_tiles)
 
     q = q_desc.load([q_row, h * HEAD_DIM])
@@ -175,7 +171,6 @@ def _lite_attn_fwd(
         else:
             last = num_k_tiles - 1
         n_main = count - (last == num_k_tiles - 1).to(tl.int32)
-    n_written = 0
     k_col = h * HEAD_DIM
     v_col = h * HEAD_DIM_V
 
@@ -186,43 +181,33 @@ def _lite_attn_fwd(
                 j = tl.load(read_row_ptr + idx)
             else:
                 j = idx
-            acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+            acc, l_i, m_i = _step(
+                acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
             idx += 1
-    elif PREFETCH and READ_LIST:
+    elif READ_LIST:
         # The next tile index is loaded one iteration ahead, so no K/V load waits on it.
         j_next = tl.load(read_row_ptr, mask=n_main > 0, other=0)
         for idx in tl.range(0, n_main):
             j = j_next
             j_next = tl.load(read_row_ptr + idx + 1, mask=idx + 1 < n_main, other=0)
-            acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+            acc, l_i, m_i = _step(
+                acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
     else:
-        for idx in tl.range(0, n_main):
-            if READ_LIST:
-                j = tl.load(read_row_ptr + idx)
-            else:
-                j = idx
-            acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
+        for j in tl.range(0, n_main):
+            acc, l_i, m_i = _step(
+                acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
     if MASK_TAIL:
         if n_main < count:
-            acc, l_i, m_i, n_written = _step(
-                acc, l_i, m_i, n_written, num_k_tiles - 1, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale,
+            acc, l_i, m_i = _step(
+                acc, l_i, m_i, num_k_tiles - 1, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale,
                 threshold, write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, True, WRITE_MODE, HAS_MUST_DO_K, UPCAST_DOT)
-
-    if WRITE_MODE == 1:
-        tl.store(write_cnt_ptr + cnt_off, n_written)
-    if WRITE_MODE == 2:
-        tl.debug_barrier()
-        _compact_row(write_row_ptr, write_cnt_ptr + cnt_off, num_k_tiles, NK_POW2)
+                TILE_Q, TILE_K, BLOCK_N, True, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
 
     # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -238,7 +223,6 @@ def _lite_attn_fwd(
 
 lite_attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_MODE", "MASK_TAIL",
-         "PREFETCH"],
+    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_LIST", "MASK_TAIL"],
     prune_configs_by={"early_config_prune": _prune},
 )(_lite_attn_fwd)

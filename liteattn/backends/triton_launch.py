@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_kernel import compact_flags, lite_attn_fwd
-
-# Experiment switches (bench/NOTES.md); the defaults are the measured winners.
-_WRITE_MODE = int(os.environ.get("LITEATTN_WRITE_MODE", "3"))
-_PREFETCH = os.environ.get("LITEATTN_PREFETCH", "1") == "1"
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +53,12 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
         scale * 1.4426950408889634, threshold,
         HEAD_DIM=D, HEAD_DIM_V=Dv, TILE_Q=tile_q, TILE_K=tile_k,
         NK_POW2=triton.next_power_of_2(nk),
-        READ_LIST=read_indices is not None, WRITE_MODE=0 if write_indices is None else _WRITE_MODE,
+        READ_LIST=read_indices is not None, WRITE_LIST=write_indices is not None,
         HAS_MUST_DO_K=must_do_k is not None, HAS_MUST_DO_Q=must_do_q is not None,
         RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
         USE_WHILE=q.device.type == "cpu",
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        PREFETCH=_PREFETCH,
     )
-    if write_indices is not None and _WRITE_MODE == 3:
+    if write_indices is not None:
         compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk), num_warps=4)
     return out, lse
