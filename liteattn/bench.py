@@ -40,9 +40,18 @@ def random_lists(B: int, H: int, S: int, tile: int, sparsity: float, seed: int, 
 
 
 def _time(fn: Callable[[], object]) -> float:
+    """Median ms over at least ~15 repetitions (CUDA events; L2 flushed between runs by do_bench)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = start.elapsed_time(end)
+    return triton.testing.do_bench(fn, warmup=max(25, 3 * estimate), rep=max(100, 15 * estimate),
+                                   return_mode="median")
 
 
 def run(shapes: List[str], sparsities=SPARSITIES, seed: int = 0, include: str = "all", log=print) -> List[Dict]:
