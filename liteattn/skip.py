@@ -133,6 +133,15 @@ def dense_from_compact(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> tor
     return dense[..., :nk]
 
 
+def _keepdim_index(i, size: int, name: str):
+    if isinstance(i, numbers.Integral) and not isinstance(i, bool):
+        if not -size <= i < size:
+            raise IndexError(f"{name} index {i} is out of range for size {size}")
+        i = int(i) % size
+        return slice(i, i + 1)
+    return i
+
+
 class SkipList:
     """One compact skip list (FlexAttention BlockMask format), for one direction of the ping-pong.
 
@@ -221,7 +230,8 @@ class SkipList:
             index = (index,)
         if len(index) > 2:
             raise IndexError("a SkipList can be indexed by batch and head only")
-        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
+        # Integers keep their dimension (so the result is still (B, H, Mq, Nk)); negative ones count from the end.
+        index = tuple(_keepdim_index(i, n, name) for i, n, name in zip(index, self.shape, ("batch", "head")))
         return SkipList(self.kv_indices[index], self.kv_counts[index], self.tile_q, self.tile_k,
                         self.seq_q, self.seq_k)
 
