@@ -1,0 +1,206 @@
+"""SkipList / SkipState: construction, inspection helpers, validation and the ping-pong."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liteattn import SkipList, SkipState
+from liteattn.skip import compact_from_dense, normalize_ranges, tiles_covered, tiles_overlapping
+from oracle import covered_tiles, fresh_read, overlapping_tiles
+
+
+def test_fresh_state_reads_everything():
+    state = SkipState(2, 3, 250, 97, tile_q=64, tile_k=32)
+    assert state.shape == (2, 3, 4, 4)
+    for lst in (state.read, state.write):
+        assert lst.kv_indices.dtype == torch.int32 and lst.kv_counts.dtype == torch.int32
+        assert lst.kv_indices.shape == (2, 3, 4, 4) and lst.kv_counts.shape == (2, 3, 4)
+        assert (lst.kv_counts == 4).all() and (lst.kv_indices == torch.arange(4, dtype=torch.int32)).all()
+        lst.check()
+    dense = state.to_dense()
+    assert dense.dtype == torch.bool and dense.shape == (2, 3, 4, 4) and dense.all()
+    assert state.sparsity() == 0.0 and state.read.sparsity() == 0.0
+
+
+@pytest.mark.parametrize("must_skip,form", [
+    ([(0, 40), (100, 130)], "pairs"),
+    ([40, 0, 100, 130], "flat"),
+    ([(0, 20), (20, 40), (100, 130)], "adjacent pairs"),
+    (torch.tensor([[0, 40], [100, 130]]), "tensor"),
+])
+def test_fresh_state_with_must_skip(must_skip, form):
+    # seq_k = 130, tile 32: tiles [0,32) covered, [32,64) partly, [96,128) partly, [128,130) covered.
+    state = SkipState(1, 2, 50, 130, 16, 32, must_skip=must_skip)
+    expected = fresh_read(1, 2, 50, 130, 16, 32, [(0, 40), (100, 130)])
+    assert expected[..., [1, 2, 3]].all() and not expected[..., [0, 4]].any()
+    assert torch.equal(state.to_dense(), expected), form
+    assert torch.equal(state.write.to_dense(), expected)
+    assert state.sparsity() == pytest.approx(2 / 5)
+    assert state.read.kv_counts.eq(3).all()
+    assert state.read.kv_indices[..., :3].eq(torch.tensor([1, 2, 3], dtype=torch.int32)).all()
+    state.read.check()
+
+
+def test_must_skip_everything():
+    state = SkipState(1, 1, 20, 40, 16, 16, must_skip=[(0, 40)])
+    assert state.sparsity() == 1.0 and (state.read.kv_counts == 0).all()
+    assert not state.to_dense().any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 200), tile=st.sampled_from([16, 32, 48, 64]),
+       ranges=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200)), max_size=4))
+def test_tile_range_helpers_match_oracle(length, tile, ranges):
+    pairs = [(min(a, b, length), min(max(a, b), length)) for a, b in ranges]
+    norm = normalize_ranges(pairs, length)
+    assert list(norm) == sorted(p for p in pairs if p[0] < p[1])
+    assert tiles_overlapping(norm, length, tile).nonzero().flatten().tolist() == overlapping_tiles(pairs, length, tile)
+    assert tiles_covered(norm, length, tile).nonzero().flatten().tolist() == covered_tiles(pairs, length, tile)
+    flat = [x for p in pairs for x in p]
+    assert normalize_ranges(flat, length) == norm
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 9)),
+       density=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_from_dense_round_trip(shape, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.rand(shape, generator=gen) < density
+    b, h, mq, nk = shape
+    lst = SkipList.from_dense(dense, 16, 32, mq * 16, nk * 32 - 5)
+    lst.check()
+    assert torch.equal(lst.to_dense(), dense)
+    assert torch.equal(lst.kv_counts, dense.sum(-1).to(torch.int32))
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in shape[:3])).view(-1, 3).tolist():
+        count = int(lst.kv_counts[tuple(idx)])
+        assert lst.kv_indices[tuple(idx)][:count].tolist() == dense[tuple(idx)].nonzero().flatten().tolist()
+    assert lst.sparsity() == pytest.approx(1 - dense.float().mean().item())
+
+
+def test_swap_semantics():
+    state = SkipState(1, 2, 64, 64, 16, 16)
+    read0, write0 = state.read, state.write
+    assert read0.kv_indices.data_ptr() != write0.kv_indices.data_ptr()
+    # Write something into the write list: the read list does not change.
+    drop = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    drop[..., 2] = False
+    compact_from_dense(drop, state.write.kv_indices, state.write.kv_counts)
+    assert state.read.to_dense().all()
+    state.swap()
+    assert torch.equal(state.read.to_dense(), drop)  # what was written is what the next call reads
+    assert state.write.kv_indices.data_ptr() == read0.kv_indices.data_ptr()
+    assert state.read.kv_indices.data_ptr() == write0.kv_indices.data_ptr()
+    assert state.sparsity() == pytest.approx(0.25)
+    state.swap()
+    assert state.read.to_dense().all() and state.read.kv_indices.data_ptr() == read0.kv_indices.data_ptr()
+
+
+def test_reset_after_garbage():
+    state = SkipState(1, 2, 64, 80, 16, 16, must_skip=[(0, 16)])
+    fresh = state.to_dense().clone()
+    state.read.kv_indices.fill_(-3)
+    state.write.kv_counts.fill_(99)
+    state.swap()
+    state.reset()
+    assert torch.equal(state.read.to_dense(), fresh) and torch.equal(state.write.to_dense(), fresh)
+    state.read.check()
+    state.write.check()
+
+
+def test_check_rejects_bad_lists():
+    state = SkipState(1, 1, 32, 64, 16, 16)
+    lst = state.read.clone()
+    lst.check()
+    lst.kv_counts[0, 0, 0] = 5
+    with pytest.raises(ValueError, match=r"kv_counts must lie in \[0, 4\]"):
+        lst.check()
+    lst = state.read.clone()
+    lst.kv_counts[0, 0, 1] = -1
+    with pytest.raises(ValueError, match=r"kv_counts must lie in \[0, 4\]"):
+        lst.check()
+    lst = state.read.clone()
+    lst.kv_indices[0, 0, 0, 1] = 4
+    with pytest.raises(ValueError, match=r"kv_indices must lie in \[0, 4\)"):
+        lst.check()
+    lst = state.read.clone()
+    lst.kv_indices[0, 0, 0, :2] = torch.tensor([1, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"kv_indices must ascend strictly"):
+        lst.check()
+    lst = state.read.clone()
+    lst.kv_indices[0, 0, 0, :2] = torch.tensor([1, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"ascend strictly"):
+        lst.check()
+    # Entries past the count are unspecified: garbage there is fine.
+    lst = state.read.clone()
+    lst.kv_counts[0, 0, 0] = 2
+    lst.kv_indices[0, 0, 0, 2:] = torch.tensor([-9, 0], dtype=torch.int32)
+    lst.check()
+    assert lst.to_dense()[0, 0, 0].tolist() == [True, True, False, False]
+
+
+def test_getitem():
+    dense = torch.rand(3, 2, 4, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    lst = SkipList.from_dense(dense, 16, 16, 64, 80)
+    assert torch.equal(lst[1].to_dense(), dense[1:2])
+    assert lst[1].shape == (1, 2, 4, 5)
+    assert torch.equal(lst[2, 1].to_dense(), dense[2:3, 1:2])
+    assert torch.equal(lst[-1].to_dense(), dense[2:3])
+    assert torch.equal(lst[0, -1].to_dense(), dense[0:1, 1:2])
+    assert torch.equal(lst[:, 0].to_dense(), dense[:, 0:1])
+    assert torch.equal(lst[1:].to_dense(), dense[1:])
+    assert lst[1].seq_k == 80 and lst[1].tile_k == 16
+    # A view, not a copy: the state's lists can be inspected or edited per batch.
+    lst[1].kv_counts.zero_()
+    assert (lst.kv_counts[1] == 0).all()
+    with pytest.raises(IndexError, match="batch and head only"):
+        lst[0, 0, 0]
+    with pytest.raises(IndexError, match="out of range"):
+        lst[3]
+    with pytest.raises(IndexError, match="out of range"):
+        lst[0, -3]
+
+
+def test_repr_and_to_string():
+    state = SkipState(2, 3, 250, 97, tile_q=64, tile_k=32, must_skip=[(0, 32)])
+    text = repr(state)
+    for part in ("SkipState(", "batch=2", "heads=3", "seq_q=250", "seq_k=97", "tile=(64, 32)", "tiles=(4, 4)",
+                 "must_skip=[(0, 32)]", "read_sparsity=0.2500", "device=cpu"):
+        assert part in text, (part, text)
+    text = repr(state.read)
+    for part in ("SkipList(", "batch=2", "heads=3", "tiles=(4, 4)", "sparsity=0.2500"):
+        assert part in text, (part, text)
+    assert "\n" not in text and len(text) < 200
+    assert state.read.to_string(1, 2) == "\n".join([".###"] * 4)
+
+
+def test_to_and_clone():
+    state = SkipState(1, 1, 32, 32, 16, 16)
+    copy = state.read.clone()
+    copy.kv_counts.zero_()
+    assert state.read.kv_counts.eq(2).all()
+    meta = state.read.to("meta")
+    assert meta.device.type == "meta" and meta.shape == state.read.shape
+
+
+def test_constructor_validation():
+    indices = torch.zeros(1, 1, 2, 3, dtype=torch.int32)
+    counts = torch.zeros(1, 1, 2, dtype=torch.int32)
+    SkipList(indices, counts, 16, 16, 32, 48)
+    with pytest.raises(TypeError, match=r"kv_indices and kv_counts must be int32, got torch.int64"):
+        SkipList(indices.long(), counts, 16, 16, 32, 48)
+    with pytest.raises(ValueError, match=r"expected kv_indices \(B, H, Mq, Nk\) and kv_counts \(B, H, Mq\)"):
+        SkipList(indices, counts[..., :1], 16, 16, 32, 48)
+    with pytest.raises(ValueError, match=r"needs \(Mq, Nk\) = \(2, 4\), got \(2, 3\)"):
+        SkipList(indices, counts, 16, 16, 32, 64)
+    with pytest.raises(ValueError, match=r"expected a bool \(B, H, Mq, Nk\) mask"):
+        SkipList.from_dense(torch.ones(2, 3, dtype=torch.bool), 16, 16, 32, 48)
+    for kw, pattern in [(dict(batch=0), "batch must be positive"), (dict(seq_k=-1), "seq_k must be positive"),
+                        (dict(tile_q=24), "tile_q must be a positive multiple of 16"),
+                        (dict(tile_k=0), "tile_k must be a positive multiple of 16")]:
+        args = dict(batch=1, heads=1, seq_q=32, seq_k=32, tile_q=16, tile_k=16)
+        args.update(kw)
+        with pytest.raises(ValueError, match=pattern):
+            SkipState(**args)
+    with pytest.raises(TypeError, match="heads must hold integers"):
+        SkipState(1, 1.5, 32, 32)
