@@ -14,4 +14,18 @@ from .skip import SkipList, SkipState
 
 __version__ = "0.1.0"
 
-__all__ = ["LiteAttention", "SeqParallelLiteAttention", "lite_attention", "SkipList", "SkipState", "__version__"]
+
+def enable(pipe_or_transformer, threshold=-10.0, *, warmup_steps=0, tile_q=128, tile_k=128, layers=None):
+    """LiteAttention on a diffusers video pipeline or transformer, in one line; see :func:`liteattn.diffusers.enable`.
+
+    ``handle = liteattn.enable(pipe, threshold=-6)``. diffusers is imported only when this is called
+    (``pip install liteattn[diffusers]``).
+    """
+    from .diffusers import enable as _enable  # lazy: `import liteattn` never imports diffusers
+
+    return _enable(pipe_or_transformer, threshold, warmup_steps=warmup_steps, tile_q=tile_q, tile_k=tile_k,
+                   layers=layers)
+
+
+__all__ = ["LiteAttention", "SeqParallelLiteAttention", "lite_attention", "SkipList", "SkipState", "enable",
+           "__version__"]
