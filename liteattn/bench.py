@@ -118,6 +118,41 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: List[Dict]) -> str:
+    """The kernel issue's targets, each with its measured figure, per shape."""
+    lines = ["| shape | target | measured | met |", "|---|---|---|---|"]
+
+    def ms(shape, backend, sparsity=None):
+        found = [r["ms"] for r in rows if r["shape"] == shape and r["backend"] == backend
+                 and r["sparsity"] == sparsity]
+        return found[0] if found else None
+
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cudnn, flex, dense = ms(shape, "sdpa-cudnn"), ms(shape, "flex-dense"), ms(shape, "liteattn-dense")
+        if cudnn and dense:
+            lines.append(f"| {shape} | dense >= 0.9x cuDNN | {cudnn / dense:.2f}x | {'yes' if cudnn / dense >= 0.9 else 'no'} |")
+        if flex and dense:
+            lines.append(f"| {shape} | dense >= 1.3x FlexAttention | {flex / dense:.2f}x | {'yes' if flex / dense >= 1.3 else 'no'} |")
+        base = ms(shape, "liteattn-read", 0.0)
+        for r in rows:
+            if r["shape"] != shape or r["backend"] != "liteattn-read" or r["sparsity"] is None:
+                continue
+            s, t = r["sparsity"], r["ms"]
+            if s > 0 and base:
+                bound = (1 - s + 0.05) * base
+                lines.append(f"| {shape} | s={s:.0%}: time <= {1 - s + 0.05:.2f} x time(0) | {t / base:.3f} x | "
+                             f"{'yes' if t <= bound else 'no'} |")
+            w = ms(shape, "liteattn-read+write", s)
+            if w:
+                lines.append(f"| {shape} | s={s:.0%}: writing lists costs <= 3% | {w / t - 1:+.1%} | "
+                             f"{'yes' if w <= 1.03 * t else 'no'} |")
+            f = ms(shape, "flex-blockmask", s)
+            if f:
+                lines.append(f"| {shape} | s={s:.0%}: >= 1.3x FlexAttention (same mask) | {f / t:.2f}x | "
+                             f"{'yes' if f >= 1.3 * t else 'no'} |")
+    return "\n".join(lines)
+
+
 def environment() -> Dict:
     import triton
 
@@ -137,8 +172,15 @@ def main(args) -> int:
     rows = run(shapes, sparsities, args.seed)
     print()
     print(table(rows))
+    print()
+    print(targets(rows))
+    from .backends.triton_launch import lite_attn_fwd
+
+    configs = {str(key): str(cfg) for key, cfg in lite_attn_fwd.cache.items()}
+    for key, cfg in configs.items():
+        print(f"autotuned {key}: {cfg}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=1)
+            json.dump(dict(environment=env, rows=rows, configs=configs), f, indent=1)
         print(f"\nwrote {args.json}")
     return 0

@@ -62,7 +62,9 @@ def check_threshold(threshold) -> float:
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
     return float(scale)
 

@@ -120,10 +120,18 @@ def test_bad_must_do_q_and_must_skip_state():
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan, "0.1", True])
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan])
 def test_bad_scale(entry, scale):
     q, k, v = good()
     with pytest.raises(ValueError, match=r"scale must be a positive finite number or None"):
+        entry(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scale", ["0.1", True])
+def test_scale_of_wrong_type(entry, scale):
+    q, k, v = good()
+    with pytest.raises(TypeError, match=r"scale must be a positive finite number or None"):
         entry(q, k, v, scale=scale)
 
 
