@@ -6,6 +6,8 @@ columns must never be skipped. Two ways (liteattn/diffusers.py has both):
   must_do : one call over all N tokens, the text range is must-do for keys (must_do) and queries (must_do_q)
   split   : LiteAttention over video x video (with LSE) + dense video x text (with LSE), merged;
             text rows: dense SDPA over all keys
+  split+mask : split with a padding mask on the last third of the text keys (HunyuanVideo's padded prompt;
+            one call with must-do ranges cannot take a mask)
 
 Each mode runs `--steps` denoising steps on one LiteAttention (so skipping takes effect after the first) and
 reports the median time of a call over the steps after the first two. Times are wall-clock (CUDA-synchronised on
@@ -84,22 +86,28 @@ def main(argv=None) -> None:
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, dtype={dtype}, threshold={args.threshold}, tile={args.tile}, "
           f"threads={torch.get_num_threads()}")
-    print(f"{'shape':<26} {'layout':<11} {'dense SDPA':>11} {'must_do':>11} {'split':>11} {'split/must_do':>13} "
-          f"{'sparsity m/s':>13}")
+    print(f"{'shape':<26} {'layout':<11} {'dense SDPA':>11} {'must_do':>11} {'split':>11} {'split+mask':>11} "
+          f"{'split/must_do':>13} {'sparsity m/s':>13}")
     for label, heads, head_dim, video, text in PRESETS[preset]:
         for text_first in (True, False):
             q, k, v = _inputs(heads, head_dim, video, text, text_first, dtype, device)
             attn = {mode: LiteAttention(threshold=args.threshold, tile_q=args.tile, tile_k=args.tile)
-                    for mode in ("must_do", "split")}
+                    for mode in ("must_do", "split", "split_mask")}
+            # The padded prompt: the last third of the text tokens is masked out.
+            index = torch.arange(q.shape[1], device=device)
+            text_end = text if text_first else q.shape[1]
+            mask = ~((index >= text_end - text // 3) & (index < text_end)).view(1, 1, 1, -1)
             runs = {
                 "dense": lambda: _dense(q, k, v, None),
                 "must_do": lambda: joint_attention_must_do(attn["must_do"], q, k, v, text, text_first),
                 "split": lambda: joint_attention_split(attn["split"], q, k, v, text, text_first, _dense),
+                "split_mask": lambda: joint_attention_split(attn["split_mask"], q, k, v, text, text_first, _dense,
+                                                            mask),
             }
             ms = {name: 1e3 * _time(fn, device, args.steps) for name, fn in runs.items()}
             layout = "text first" if text_first else "text last"
             print(f"{label:<26} {layout:<11} {ms['dense']:>9.1f}ms {ms['must_do']:>9.1f}ms {ms['split']:>9.1f}ms "
-                  f"{ms['split'] / ms['must_do']:>13.2f} "
+                  f"{ms['split_mask']:>9.1f}ms {ms['split'] / ms['must_do']:>13.2f} "
                   f"{attn['must_do'].sparsity:>6.1%}/{attn['split'].sparsity:.1%}")
 
 
