@@ -455,8 +455,7 @@ class _Transformer:
         self.timestep_index = timestep_index  # position of `timestep` among forward's positional args
         self.layers: List[_Layer] = []
         self.hooks: list = []
-        self.calls_this_step = 0
-        self.branch = 0
+        self.calls_this_step = 0  # calls at the current timestep so far: the next call's guidance branch
 
 
 class LiteAttentionHandle:
@@ -659,7 +658,6 @@ class LiteAttentionHandle:
         self._last_timestep = timestep
         branch = transformer.calls_this_step
         transformer.calls_this_step += 1
-        transformer.branch = branch
 
         warmup = self.step < self.warmup_steps
         threshold = self.threshold_at(self.step)
