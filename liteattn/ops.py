@@ -50,7 +50,13 @@ def _check_inputs(q, k, v) -> None:
 
 
 def check_threshold(threshold) -> float:
-    """The skip threshold in log2 units: a real number <= 0, or -inf (keep every tile)."""
+    """The skip threshold in log2 units: a real number <= 0, or -inf (keep every tile).
+
+    Under torch.compile the value may be symbolic; it was checked when it was set (LiteAttention), and
+    checking it here would break the graph, so it passes through.
+    """
+    if torch.compiler.is_compiling():
+        return threshold
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a real number <= 0 (log2 units) or -inf, got {threshold!r}")
     threshold = float(threshold)
@@ -87,8 +93,20 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
 
 
 def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
-    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none."""
-    return _cached_tile_mask(ranges, length, tile, device) if ranges else None
+    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none.
+
+    Eager calls reuse a cached tensor. Under torch.compile the mask is built on ``device`` from an
+    iota and the ranges' constant bounds, so the graph holds no host tensor to copy.
+    """
+    if not ranges:
+        return None
+    if torch.compiler.is_compiling():
+        tiles = torch.arange(num_tiles(length, tile), device=device)
+        mask = torch.zeros_like(tiles, dtype=torch.bool)
+        for start, end in ranges:
+            mask |= (tiles >= start // tile) & (tiles < -(-end // tile))
+        return mask
+    return _cached_tile_mask(ranges, length, tile, device)
 
 
 @functools.lru_cache(maxsize=256)
