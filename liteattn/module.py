@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .ops import _check_inputs, check_threshold, lite_attention
+from .ops import _check_inputs, _lite_attention_checked, check_threshold
 from .skip import SkipState, normalize_ranges
 
 logger = logging.getLogger("liteattn")
@@ -125,14 +125,13 @@ class LiteAttention:
                              f"construct LiteAttention(max_batch_size={query.shape[0]}) or larger")
         if not self.enable_skipping:
             self._last_read_counts = None
-            return lite_attention(query, key, value, scale=scale, return_lse=return_softmax_lse,
-                                  backend=self.backend, tile_q=self.tile_q, tile_k=self.tile_k)
+            return _lite_attention_checked(query, key, value, None, None, self._threshold, scale, None, None,
+                                           return_softmax_lse, self.backend, self.tile_q, self.tile_k)
         must_skip = normalize_ranges(must_skip_list, key.shape[1], "must_skip_list")
         state = self._ensure_state(query, key, value, must_skip)
         read, write = state.read, state.write
-        result = lite_attention(query, key, value, read=read, write=write, threshold=self._threshold, scale=scale,
-                                must_do=must_do_list, must_do_q=must_do_q_list,
-                                return_lse=return_softmax_lse, backend=self.backend)
+        result = _lite_attention_checked(query, key, value, read, write, self._threshold, scale, must_do_list,
+                                         must_do_q_list, return_softmax_lse, self.backend, None, None)
         self._last_read_counts = read.kv_counts
         state.swap()
         return result

@@ -208,6 +208,13 @@ def lite_attention(
         ``out (B, Sq, H, Dv)`` in the input dtype, or ``(out, lse)``.
     """
     _check_inputs(q, k, v)
+    return _lite_attention_checked(q, k, v, read, write, threshold, scale, must_do, must_do_q, return_lse, backend,
+                                   tile_q, tile_k)
+
+
+def _lite_attention_checked(q, k, v, read, write, threshold, scale, must_do, must_do_q, return_lse, backend,
+                            tile_q, tile_k):
+    """``lite_attention`` once q, k and v have passed ``_check_inputs`` (LiteAttention checks them first)."""
     threshold = check_threshold(threshold)
     scale = _check_scale(scale, q.shape[-1])
     tile_q, tile_k = _resolve_tiles(read, write, tile_q, tile_k)
