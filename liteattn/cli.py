@@ -42,6 +42,27 @@ def main(argv=None) -> int:
     ex.add_argument("--backend", default=None, choices=["torch", "triton"])
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
+    from .demo import DEFAULT_NUM_PROMPTS, DEFAULT_STEPS, DEFAULT_THRESHOLD  # constants only: no torch import
+
+    de = sub.add_parser("demo", help="sample the shipped tiny video model with full attention, then with liteattn; "
+                                     "write a GIF, sparsity plots and a report")
+    de.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="log2 units, <= 0, or -inf")
+    de.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    de.add_argument("--prompts", nargs="+", metavar="PROMPT",
+                    help='e.g. "red circle moving left, blue square moving up" (colours: red green blue yellow cyan '
+                         'magenta white orange; shapes: circle square triangle; directions: left right up down '
+                         'up-left up-right down-left down-right)')
+    de.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS,
+                    help="how many of the built-in prompts, without --prompts")
+    de.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    de.add_argument("--out", default="liteattn_demo", help="output folder")
+    de.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    de.add_argument("--tile", type=int, default=128, help="skip-tile size in tokens (tile_q = tile_k)")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--weights", default=None, help="safetensors file (default: the shipped model)")
+    de.add_argument("--quiet", action="store_true", help="no progress bar")
+    de.add_argument("--verbose", action="store_true", help="liteattn's log messages")
+    de.set_defaults(func=lambda a: __import__("liteattn.demo.run", fromlist=["main"]).main(a))
     be = sub.add_parser("bench", help="time the Triton kernel against cuDNN/flash SDPA and FlexAttention (CUDA)")
     be.add_argument("--shapes", default="all", help="comma-separated names from liteattn.bench.SHAPES, or 'all'")
     be.add_argument("--sparsities", default="0,0.25,0.5,0.75,0.9")

@@ -1,4 +1,4 @@
-"""The README's quick start and .ci/run agree, and the main job (``liteattn example``) runs."""
+"""The README's quick start and .ci/run agree, and ``liteattn example`` runs (``liteattn demo``: tests/test_demo.py)."""
 
 import pathlib
 import re
@@ -18,7 +18,7 @@ def quick_start_commands():
 def test_readme_quick_start_is_two_commands_and_ci_runs_the_second():
     commands = quick_start_commands()
     assert len(commands) == 2, commands
-    assert commands[0].endswith("liteattn example")
+    assert commands[0].endswith("liteattn demo")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, "the README's test command must appear verbatim in .ci/run"
     assert "set -euo pipefail" in ci

@@ -1,0 +1,16 @@
+"""The embedded demo: a small video diffusion model trained on procedural videos, shipped with liteattn.
+
+``liteattn demo`` samples it with full attention and with liteattn and writes a GIF, plots and a report.
+
+- :mod:`liteattn.demo.data`: procedural videos of moving, bouncing shapes with prompts (deterministic by seed).
+- :mod:`liteattn.demo.model`: diffusers ``WanTransformer3DModel`` in pixel space (7M parameters) + prompt tokens;
+  ``load_model()`` reads the shipped weights (``weights/tiny_wan.safetensors``), offline.
+- :mod:`liteattn.demo.sample`: ``FlowMatchEulerDiscreteScheduler`` sampling with classifier-free guidance.
+- :mod:`liteattn.demo.train`: the training script (flow matching, time-limited runs that resume).
+- :mod:`liteattn.demo.run`: the demo command and :func:`~liteattn.demo.run.compare`, the quality measurement.
+"""
+
+# Chosen from the quality table in bench/RESULTS.md ("Demo model quality").
+DEFAULT_THRESHOLD = -6.0
+DEFAULT_STEPS = 12  # two prompts: about 4.5 minutes on two CPU cores
+DEFAULT_NUM_PROMPTS = 2

@@ -1,0 +1,270 @@
+"""``liteattn demo``: the shipped model sampled twice from the same seeds, full attention then liteattn.
+
+    liteattn demo --out liteattn_demo                 # CPU: a few minutes; CUDA: seconds
+    liteattn demo --threshold -6 --steps 30 --prompts "red circle moving left" "blue square moving up"
+
+Writes to ``--out``: ``demo.gif`` (per prompt: dense | liteattn | |difference| x8), ``sparsity.png`` (per denoising
+step, each layer and the mean), ``skip_mask.png`` (one layer's computed tiles at the last step, each head) and
+``report.json``; prints the same numbers as a table. :func:`compare` is the measurement behind both the demo and
+``bench/demo_quality.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from . import data
+from .metrics import psnr, ssim
+from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, sample, to_uint8
+
+__all__ = ["run_dense", "run_liteattn", "compare", "main"]
+
+AMPLIFY = 8  # the difference panel shows |liteattn - dense| times this
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_dense(model, tokens, *, steps: int, guidance: float = GUIDANCE, seed: int = 0, on_step=None) -> dict:
+    """Sample with the model's own attention processors. Returns ``videos``, ``attention_seconds``, ``total_seconds``."""
+    device = model.token_embedding.weight.device
+    _sync(device)
+    start = time.perf_counter()
+    with AttentionTimer(model.transformer) as timer:
+        videos = sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
+    _sync(device)
+    return dict(videos=videos, attention_seconds=timer.seconds, total_seconds=time.perf_counter() - start)
+
+
+def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float = GUIDANCE, seed: int = 0,
+                 masks: bool = False, plot_path=None, on_step=None, **enable_kwargs) -> dict:
+    """Sample through :func:`liteattn.enable` (disabled again afterwards).
+
+    Returns ``videos``, ``stats`` (the handle's), ``attention_seconds``, ``total_seconds`` and, with ``masks``,
+    ``masks``: per block, bool ``(H, Mq, Nk)``, the tiles its self-attention computed for the first video's
+    conditional branch at the last step. ``plot_path``: where to write the handle's sparsity plot.
+    """
+    import liteattn
+
+    device = model.token_embedding.weight.device
+    handle = liteattn.enable(model.transformer, threshold=threshold, **enable_kwargs)
+    calls_per_step = 2 if guidance != 1.0 else 1
+    seen: Dict[int, int] = {}  # block -> calls so far
+    last: Dict[int, Optional[torch.Tensor]] = {}  # block -> read list of its conditional call at the last step
+    hooks = []
+    if masks:
+        def capture(block: int, module, args):
+            seen[block] = seen.get(block, 0) + 1
+            if seen[block] != (steps - 1) * calls_per_step + 1:  # only the last step's first (conditional) call
+                return
+            state = getattr(getattr(module.processor, "attention", None), "skip_state", None)
+            # The read list is what this call computes (None on a run's very first call: everything).
+            last[block] = state.to_dense()[0].cpu() if state is not None else None
+
+        for i, block in enumerate(model.transformer.blocks):
+            hooks.append(block.attn1.register_forward_pre_hook(functools.partial(capture, i)))
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        with AttentionTimer(model.transformer) as timer:
+            videos = sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
+        _sync(device)
+        total = time.perf_counter() - start
+        stats = handle.stats()
+        if plot_path is not None:
+            handle.plot(plot_path)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        handle.disable()
+    return dict(videos=videos, stats=stats, attention_seconds=timer.seconds, total_seconds=total, masks=last)
+
+
+def _finite(x: float) -> Optional[float]:
+    """JSON has no inf: identical videos (PSNR inf) are written as null."""
+    return None if math.isinf(x) or math.isnan(x) else round(float(x), 4)
+
+
+def compare(model, prompts: Sequence[str], thresholds: Sequence[float], *, steps: int, guidance: float = GUIDANCE,
+            seed: int = 0, warmup: bool = False, masks: bool = False, plot_path=None, progress=None,
+            **enable_kwargs) -> dict:
+    """Dense sampling of ``prompts``, then liteattn at each threshold from the same noise; metrics against dense.
+
+    Returns ``{"dense": run, "liteattn": [run per threshold]}`` where each liteattn run also holds ``psnr_db`` and
+    ``ssim`` (lists, one per prompt). ``warmup``: run one short untimed pass of each first (Triton autotuning,
+    CUDA start-up). ``progress``: a tqdm-like object, advanced once per denoising step.
+    """
+    tokens = data.tokenize(prompts)
+    on_step = (lambda i: progress.update(1)) if progress is not None else None
+    if warmup:
+        run_dense(model, tokens, steps=2, guidance=guidance, seed=seed)
+        run_liteattn(model, tokens, thresholds[0], steps=2, guidance=guidance, seed=seed, **enable_kwargs)
+    dense = run_dense(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
+    runs = []
+    for threshold in thresholds:
+        run = run_liteattn(model, tokens, threshold, steps=steps, guidance=guidance, seed=seed, on_step=on_step,
+                           masks=masks, plot_path=plot_path, **enable_kwargs)
+        run["threshold"] = threshold
+        run["psnr_db"] = psnr(run["videos"], dense["videos"]).tolist()
+        run["ssim"] = ssim(run["videos"], dense["videos"]).tolist()
+        runs.append(run)
+    return {"dense": dense, "liteattn": runs}
+
+
+def _labelled(frames, labels: Sequence[str], width: int):
+    """``frames (T, H, W, 3)`` uint8 numpy with a header row of ``labels``, one per panel of ``width`` pixels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    header = Image.new("RGB", (frames.shape[2], 14), (0, 0, 0))
+    draw = ImageDraw.Draw(header)
+    for i, label in enumerate(labels):
+        draw.text((i * width + 3, 1), label, fill=(230, 230, 230))
+    header = np.asarray(header)[None].repeat(frames.shape[0], axis=0)
+    return np.concatenate([header, frames], axis=1)
+
+
+def write_gif(path, dense: torch.Tensor, lite: torch.Tensor, threshold: float, scale: int = 2) -> None:
+    """Per prompt a row: dense | liteattn | |liteattn - dense| x AMPLIFY, upscaled ``scale`` times."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    difference = ((lite - dense).abs() * AMPLIFY - 1).clamp(-1, 1)  # 0 -> black
+    rows = [torch.cat([to_uint8(v[i:i + 1])[0] for v in (dense, lite, difference)], dim=2)
+            for i in range(dense.shape[0])]  # each (T, H, 3W, 3)
+    frames = torch.cat(rows, dim=1).numpy()
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    width = dense.shape[-1] * scale
+    frames = _labelled(frames, ["dense", f"liteattn {threshold:g}", f"|diff| x{AMPLIFY}"], width)
+    imageio.mimsave(str(path), list(np.ascontiguousarray(frames)), duration=0.125, loop=0)
+
+
+def write_mask_png(path, mask: Optional[torch.Tensor], layer: int, threshold: float, tile: int) -> None:
+    """Heatmap of the computed tiles (one panel per head) of one layer at the last step."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    heads = mask.shape[0] if mask is not None else 1
+    fig = Figure(figsize=(3.2 * heads, 3.6), dpi=110)
+    axes = fig.subplots(1, heads, squeeze=False)[0]
+    tiles_per_frame = data.SIZE * data.SIZE // 16 / tile  # 4x4 patches: 256 tokens a frame
+    for h, ax in enumerate(axes):
+        if mask is None:
+            ax.text(0.5, 0.5, "no skip state (dense)", ha="center", va="center")
+            continue
+        ax.imshow(mask[h].float().numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"head {h}: {1 - mask[h].float().mean().item():.0%} skipped", fontsize="small")
+        ax.set_xlabel("key tile")
+        if h == 0:
+            ax.set_ylabel("query tile")
+        if tiles_per_frame >= 1:  # frame boundaries
+            for f in range(1, data.FRAMES):
+                ax.axhline(f * tiles_per_frame - 0.5, color="tab:orange", linewidth=0.5)
+                ax.axvline(f * tiles_per_frame - 0.5, color="tab:orange", linewidth=0.5)
+    fig.suptitle(f"blocks.{layer}.attn1 at the last step, threshold {threshold:g}: black = computed "
+                 f"({tile}x{tile}-token tiles; orange lines: frames)", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+def _require_demo_dependencies() -> None:
+    import importlib.util
+
+    missing = [name for name in ("diffusers", "safetensors", "matplotlib", "imageio", "PIL", "tqdm")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"liteattn demo needs {', '.join(missing)}: pip install 'liteattn[demo]'")
+
+
+def main(args) -> int:
+    """The ``liteattn demo`` command (``args`` from :mod:`liteattn.cli`)."""
+    import logging
+
+    _require_demo_dependencies()
+    from tqdm.auto import tqdm
+
+    from .model import load_model
+
+    if args.threshold > 0 or math.isnan(args.threshold):
+        raise SystemExit(f"liteattn demo: --threshold must be <= 0 (log2 units) or -inf, got {args.threshold}")
+    if not args.verbose:  # the handle's "enabled on ..." line would cut through the progress bar
+        logging.getLogger("liteattn").setLevel(logging.WARNING)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    prompts = list(args.prompts or DEFAULT_PROMPTS[:args.num_prompts])
+    data.tokenize(prompts)  # unknown words fail now, not after the model loaded
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.weights, device=device, dtype=dtype)
+    print(f"liteattn demo: {len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, threshold "
+          f"{args.threshold:g} (log2), {device} {str(dtype).replace('torch.', '')}, seed {args.seed}")
+    started = time.perf_counter()
+    calls = 2 if args.guidance != 1.0 else 1
+    with tqdm(total=2 * args.steps, unit="step", desc="dense, then liteattn", disable=args.quiet) as bar:
+        result = compare(model, prompts, [args.threshold], steps=args.steps, guidance=args.guidance, seed=args.seed,
+                         warmup=device.type == "cuda", masks=True, plot_path=out / "sparsity.png",
+                         progress=bar, tile_q=args.tile, tile_k=args.tile)
+    dense, lite = result["dense"], result["liteattn"][0]
+    write_gif(out / "demo.gif", dense["videos"], lite["videos"], args.threshold)
+    # The heatmap shows the block that skipped most at the last step (a dense one would be a black square).
+    last_step = {i: lite["stats"]["steps"][-1]["layers"].get(f"transformer.blocks.{i}.attn1", 0.0)
+                 for i in range(len(model.transformer.blocks))}
+    mask_layer = max(last_step, key=lambda i: (last_step[i], -i))
+    write_mask_png(out / "skip_mask.png", lite["masks"].get(mask_layer), mask_layer, args.threshold, args.tile)
+    stats = lite["stats"]
+    report = {
+        "threshold": args.threshold if math.isfinite(args.threshold) else str(args.threshold),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "prompts": prompts,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "tile": args.tile,
+        "transformer_calls_per_step": calls,
+        "sparsity_per_step": [round(s, 4) for s in stats["sparsity"]],
+        "sparsity_mean": round(stats["mean_sparsity"], 4),
+        "sparsity_per_layer": {name.split("transformer.", 1)[-1]: round(sum(v) / len(v), 4)
+                               for name, v in stats["layers"].items()},
+        "psnr_db": [_finite(x) for x in lite["psnr_db"]],
+        "ssim": [round(x, 5) for x in lite["ssim"]],
+        "dense": {"attention_seconds": round(dense["attention_seconds"], 3),
+                  "total_seconds": round(dense["total_seconds"], 3)},
+        "liteattn": {"attention_seconds": round(lite["attention_seconds"], 3),
+                     "total_seconds": round(lite["total_seconds"], 3)},
+        "attention_seconds_note": "wall time inside the video self-attention modules (blocks.*.attn1: projections, "
+                                  "rotary embedding, attention); on the CPU liteattn runs its PyTorch reference, "
+                                  "which computes every score and is slower than dense; the speed-up needs the "
+                                  "Triton kernel (CUDA)",
+        "psnr_note": "liteattn vs dense from the same noise; null means identical",
+        "files": ["demo.gif", "sparsity.png", "skip_mask.png", "report.json"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    _print_table(report)
+    print(f"wrote {out / 'demo.gif'}, {out / 'sparsity.png'}, {out / 'skip_mask.png'}, {out / 'report.json'}")
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    width = max(len(p) for p in report["prompts"])
+    print(f"\n{'prompt':<{width}}  {'PSNR dB':>8}  {'SSIM':>6}")
+    for prompt, p, s in zip(report["prompts"], report["psnr_db"], report["ssim"]):
+        print(f"{prompt:<{width}}  {('identical' if p is None else f'{p:.2f}'):>8}  {s:>6.4f}")
+    steps = report["sparsity_per_step"]
+    shown = ", ".join(f"{s:.0%}" for s in steps[:: max(1, len(steps) // 8)])
+    print(f"\nsparsity (mean over layers): {report['sparsity_mean']:.1%} over the run; per step: {shown}")
+    print(f"{'':<22}{'dense':>10}{'liteattn':>10}")
+    for key, label in (("attention_seconds", "self-attention s"), ("total_seconds", "total s")):
+        print(f"{label:<22}{report['dense'][key]:>10.2f}{report['liteattn'][key]:>10.2f}")

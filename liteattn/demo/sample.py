@@ -1,0 +1,129 @@
+"""Sampling the demo model: diffusers' ``FlowMatchEulerDiscreteScheduler`` with classifier-free guidance.
+
+The loop calls the transformer as diffusers' ``WanPipeline`` does, the conditional prediction and then the
+unconditional one at each timestep, so :func:`liteattn.enable` tells the two guidance branches apart by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import data
+
+__all__ = ["SHIFT", "GUIDANCE", "DEFAULT_PROMPTS", "initial_noise", "sample", "AttentionTimer", "to_uint8",
+           "write_sample_gif"]
+
+SHIFT = 3.0  # the flow-matching timestep shift used in training and sampling (Wan uses 3 to 5)
+GUIDANCE = 4.0
+DEFAULT_PROMPTS = (
+    "red circle moving right, blue square moving down",
+    "yellow triangle moving up-left, green circle moving left, white square moving up",
+    "magenta square moving down-right",
+    "cyan circle moving up, orange triangle moving right",
+)
+
+
+def initial_noise(num: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    """``(num, 3, FRAMES, SIZE, SIZE)`` Gaussian noise; video ``i`` depends only on ``seed + i`` (not on ``num``)."""
+    videos = [torch.randn(3, data.FRAMES, data.SIZE, data.SIZE, generator=torch.Generator().manual_seed(seed + i))
+              for i in range(num)]
+    return torch.stack(videos).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(model, tokens: torch.Tensor, *, steps: int = 30, guidance: float = GUIDANCE, seed: int = 0,
+           shift: float = SHIFT, on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Videos for ``tokens (B, MAX_TOKENS)``: ``(B, 3, FRAMES, SIZE, SIZE)`` float32 in [-1, 1], on the model's device.
+
+    ``model`` is a :class:`liteattn.demo.model.TinyWan`; its dtype and device are used. ``guidance`` 1.0 makes
+    one transformer call per step (no unconditional branch). ``on_step(i)`` is called after each step.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    weight = model.token_embedding.weight
+    device, dtype = weight.device, weight.dtype
+    batch = tokens.shape[0]
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps, device=device)
+    latents = initial_noise(batch, seed, device)  # float32; the scheduler steps in float32
+    text = model.embed(tokens)
+    empty = model.embed(torch.zeros_like(tokens)) if guidance != 1.0 else None
+    for i, t in enumerate(scheduler.timesteps):
+        timestep = t.expand(batch)
+        x = latents.to(dtype)
+        velocity = model.transformer(x, timestep, text, return_dict=False)[0].float()
+        if empty is not None:
+            unconditional = model.transformer(x, timestep, empty, return_dict=False)[0].float()
+            velocity = unconditional + guidance * (velocity - unconditional)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i)
+    return latents.clamp(-1, 1)
+
+
+class AttentionTimer:
+    """Wall-clock seconds spent inside the video self-attention modules (``blocks.*.attn1``) of a Wan transformer.
+
+    Forward pre/post hooks around each ``attn1`` call (projections, rotary embedding, attention, output
+    projection), synchronising the device on CUDA. Use as a context manager; ``seconds`` accumulates.
+    """
+
+    def __init__(self, transformer):
+        self.modules = [block.attn1 for block in transformer.blocks]
+        self.seconds = 0.0
+        self.calls = 0
+        self._hooks: List = []
+        self._start = 0.0
+
+    def _sync(self, module):
+        if module.to_q.weight.is_cuda:
+            torch.cuda.synchronize(module.to_q.weight.device)
+
+    def _before(self, module, args):
+        self._sync(module)
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        self._sync(module)
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def __enter__(self) -> "AttentionTimer":
+        for module in self.modules:
+            self._hooks.append(module.register_forward_pre_hook(self._before))
+            self._hooks.append(module.register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def to_uint8(videos: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, T, H, W)`` in [-1, 1] -> ``(B, T, H, W, 3)`` uint8 on the CPU."""
+    return ((videos.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def write_sample_gif(model, path, prompts: Sequence[str] = DEFAULT_PROMPTS, steps: int = 24, seed: int = 0,
+                     device=None) -> None:
+    """EMA samples beside procedural videos of random scenes: a GIF (and a PNG of frames 0, 5, 10, 15 beside it).
+
+    For training runs: a quick look at what the model draws. Top row: samples for ``prompts``; bottom row: data.
+    """
+    import imageio.v2 as imageio
+    import numpy as np
+
+    tokens = data.tokenize(prompts)
+    device = torch.device(device) if device is not None else model.token_embedding.weight.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        videos = sample(model, tokens, steps=steps, seed=seed)
+    real = data.render(data.sample_scenes(len(prompts), seed=12345).to(videos.device))
+    frames = torch.cat([torch.cat(list(to_uint8(v)), dim=2) for v in (videos, real)], dim=1)  # (T, 2H, B*W, 3)
+    frames = frames.numpy()
+    imageio.mimsave(str(path), list(frames), duration=0.1, loop=0)
+    still = np.concatenate([frames[i] for i in (0, 5, 10, 15)], axis=0)
+    imageio.imwrite(str(path).rsplit(".", 1)[0] + ".png", np.kron(still, np.ones((2, 2, 1), dtype=np.uint8)))

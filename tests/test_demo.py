@@ -1,0 +1,81 @@
+"""The embedded demo: procedural data, the shipped model, `liteattn demo` (CPU, tiny settings)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("imageio")
+pytest.importorskip("matplotlib")
+
+from liteattn.cli import main  # noqa: E402
+from liteattn.demo import data  # noqa: E402
+from liteattn.demo.model import WEIGHTS, load_model  # noqa: E402
+from liteattn.demo.run import run_dense, run_liteattn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()  # the shipped weights, float32 on the CPU
+
+
+def test_generator_is_deterministic_by_seed():
+    a, b, c = data.sample_scenes(6, seed=7), data.sample_scenes(6, seed=7), data.sample_scenes(6, seed=8)
+    video_a, video_b, video_c = data.render(a), data.render(b), data.render(c)
+    assert video_a.shape == (6, 3, data.FRAMES, data.SIZE, data.SIZE)
+    assert torch.equal(video_a, video_b) and a.prompts() == b.prompts()
+    assert not torch.equal(video_a, video_c)
+    assert video_a.min() >= -1 and video_a.max() <= 1
+    # Shapes move: consecutive frames differ, and the prompts round-trip through the token ids.
+    assert (video_a[:, :, 1:] - video_a[:, :, :-1]).abs().amax(dim=(1, 2, 3, 4)).min() > 0.1
+    assert data.detokenize(a.tokens) == a.prompts()
+    assert a.tokens.shape == (6, data.MAX_TOKENS)
+
+
+def test_tokenize_rejects_unknown_words():
+    with pytest.raises(ValueError, match="unknown words"):
+        data.tokenize(["purple circle moving left"])
+
+
+def test_model_loads_offline_from_the_package(model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size <= 20e6
+    assert "liteattn" in WEIGHTS.parts and "demo" in WEIGHTS.parts
+    assert sum(p.numel() for p in model.parameters()) <= 10e6
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "BF16"}
+    tokens = data.tokenize(["red circle moving left"])
+    out = model(torch.randn(1, 3, data.FRAMES, data.SIZE, data.SIZE), torch.tensor([500.0]), tokens)
+    assert out.shape == (1, 3, data.FRAMES, data.SIZE, data.SIZE) and torch.isfinite(out).all()
+
+
+def test_threshold_minus_inf_reproduces_dense(model):
+    tokens = data.tokenize(["blue square moving up"])
+    dense = run_dense(model, tokens, steps=2, guidance=1.0, seed=3)
+    lite = run_liteattn(model, tokens, -math.inf, steps=2, guidance=1.0, seed=3)
+    assert lite["stats"]["mean_sparsity"] == 0.0
+    torch.testing.assert_close(lite["videos"], dense["videos"], atol=1e-3, rtol=0)
+
+
+def test_demo_writes_every_file_and_a_sane_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--num-prompts", "1", "--guidance", "1", "--device", "cpu",
+                 "--out", str(out), "--quiet"]) == 0
+    for name in ("demo.gif", "sparsity.png", "skip_mask.png", "report.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["threshold"] == -6.0
+    assert len(report["sparsity_per_step"]) == 2 and report["sparsity_per_step"][0] == 0.0  # step 0 is dense
+    assert all(0.0 <= s <= 1.0 for s in report["sparsity_per_step"])
+    assert 0.0 <= report["sparsity_mean"] <= 1.0
+    assert len(report["psnr_db"]) == len(report["ssim"]) == 1
+    assert report["psnr_db"][0] is None or report["psnr_db"][0] > 10
+    assert -1.0 <= report["ssim"][0] <= 1.0
+    for mode in ("dense", "liteattn"):
+        assert 0 < report[mode]["attention_seconds"] <= report[mode]["total_seconds"]
+    table = capsys.readouterr().out
+    assert "PSNR dB" in table and "sparsity" in table
