@@ -60,17 +60,23 @@ def attention_forward(
     tiles_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, tile_q * Nk * tile_k))
     heads_per_block = max(1, min(H, _MAX_BLOCK_ELEMENTS // max(1, tiles_per_block * tile_q * Nk * tile_k)))
     pad_k = Nk * tile_k - Sk
+    # Below this, exp would leave the normal floats (-86.3 in fp32, -707.4 in fp64).
+    exp_floor = math.log(torch.finfo(compute_dtype).tiny) + 1.0
 
     for b in range(B):
         for h0 in range(0, H, heads_per_block):
             hs = slice(h0, min(H, h0 + heads_per_block))
-            kb = k[b, :, hs].transpose(0, 1).to(compute_dtype)  # (h, Sk, D)
-            vb = v[b, :, hs].transpose(0, 1).to(compute_dtype)  # (h, Sk, Dv)
+            # Keys padded to whole tiles, so scores view as (h, rows, Nk, tile_k) without copies.
+            kb = torch.nn.functional.pad(k[b, :, hs].transpose(0, 1).to(compute_dtype), (0, 0, 0, pad_k))
+            vb = torch.nn.functional.pad(v[b, :, hs].transpose(0, 1).to(compute_dtype), (0, 0, 0, pad_k))
+            kbt = kb.transpose(1, 2)  # (h, D, Nk*tile_k)
             for t0 in range(0, Mq, tiles_per_block):
                 t1 = min(Mq, t0 + tiles_per_block)
                 r0, r1 = t0 * tile_q, min(Sq, t1 * tile_q)
                 qb = q[b, r0:r1, hs].transpose(0, 1).to(compute_dtype)  # (h, rows, D)
-                scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # (h, rows, Sk)
+                scores = torch.baddbmm(qb.new_empty(()), qb, kbt, beta=0.0, alpha=scale)  # (h, rows, Nk*tile_k)
+                scores[..., Sk:] = -math.inf  # padding columns never contribute
+                tiles = scores.view(scores.shape[0], r1 - r0, Nk, tile_k)
 
                 if read_dense is None:
                     read_tiles = torch.ones(scores.shape[0], t1 - t0, Nk, dtype=torch.bool, device=device)
@@ -80,8 +86,7 @@ def attention_forward(
                 read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
 
                 if keep_out is not None:
-                    padded = torch.nn.functional.pad(scores, (0, pad_k), value=-math.inf)
-                    tile_max = padded.unflatten(-1, (Nk, tile_k)).amax(-1)  # (h, rows, Nk)
+                    tile_max = tiles.amax(-1)  # (h, rows, Nk)
                     seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
                     prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
                     keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
@@ -94,13 +99,18 @@ def attention_forward(
                         keep |= must_do_q[t0:t1, None]
                     keep_out[b, hs, t0:t1] = keep & read_tiles
 
-                col_mask = read_rows.repeat_interleave(tile_k, dim=-1)[..., :Sk]  # (h, rows, Sk)
-                scores = scores.masked_fill(~col_mask, -math.inf)
-                row_lse = torch.logsumexp(scores, dim=-1)  # (h, rows); -inf where nothing is read
-                # Clamping keeps rows that read nothing at exp(-inf) = 0 instead of NaN.
-                probs = torch.exp(scores - row_lse.unsqueeze(-1).clamp_min(torch.finfo(compute_dtype).min))
-                ob = torch.matmul(probs, vb)  # (h, rows, Dv)
+                if read_dense is not None:
+                    tiles.masked_fill_(~read_rows.unsqueeze(-1), -math.inf)
+                # One exp pass: p = exp(s - m), l = sum p, out = p v / l, lse = m + log l.
+                row_max = scores.amax(dim=-1, keepdim=True)  # -inf where nothing is read
+                shifted = scores.sub_(row_max.clamp_min(torch.finfo(compute_dtype).min))
+                # exp of arguments that underflow (and of -inf) takes a slow path on CPUs (30x); those terms are
+                # below the smallest normal float, so they are set to exactly 0 instead.
+                underflow = shifted < exp_floor
+                probs = shifted.clamp_(min=exp_floor).exp_().masked_fill_(underflow, 0.0)
+                row_sum = probs.sum(dim=-1, keepdim=True)  # 0 where nothing is read
+                ob = torch.matmul(probs, vb).div_(row_sum.clamp_min(torch.finfo(compute_dtype).tiny))
                 out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
                 if lse is not None:
-                    lse[b, hs, r0:r1] = row_lse.to(torch.float32)
+                    lse[b, hs, r0:r1] = (row_max + row_sum.log()).squeeze(-1).to(torch.float32)
     return out, lse
