@@ -80,6 +80,16 @@ def _require_diffusers():
     return diffusers
 
 
+def _project_heads(x, heads, to_q, to_k, to_v, norm_q, norm_k):
+    """q, k, v of ``x`` as (B, S, H, D), with the optional per-head q/k norms (HunyuanVideo's layout)."""
+    query, key, value = (proj(x).unflatten(2, (heads, -1)) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention math shared by the processors
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,13 +326,8 @@ class LiteHunyuanVideoAttnProcessor(_LiteProcessor):
         if attn.add_q_proj is None:  # single-stream block: one projection for [video, text]
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, S, H, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_heads(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v,
+                                           attn.norm_q, attn.norm_k)  # (B, S, H, D)
 
         if image_rotary_emb is not None:  # on the video tokens only
             if attn.add_q_proj is None:
@@ -335,13 +340,9 @@ class LiteHunyuanVideoAttnProcessor(_LiteProcessor):
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if attn.add_q_proj is not None:  # dual-stream block: separate projections for the text tokens
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = _project_heads(
+                encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
