@@ -482,12 +482,8 @@ def test_torch_compile_runs_without_graph_breaks():
 
 # -- GPU (skipped without CUDA) --------------------------------------------------------------------------------
 
-MUST_DO_COMPILE = pytest.mark.xfail(
-    reason="core fix (device-built must-do masks under compile) verified with CPU inductor only, not yet on CUDA")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox", pytest.param("cogvideox-must_do", marks=MUST_DO_COMPILE)])
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox", "cogvideox-must_do"])
 def test_gpu_bf16(name, monkeypatch):
     """The GPU path (Triton kernel, bf16, tiles of 64): as accurate as the original bf16 processors against an
     fp32 reference, sparsity under a forced threshold, and torch.compile (inductor)."""
