@@ -165,8 +165,17 @@ def main(args) -> int:
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)} or 'all'")
-    sparsities = tuple(float(x) for x in args.sparsities.split(","))
+        raise SystemExit(f"liteattn bench: unknown shapes {unknown}; choose from {list(SHAPES)} or 'all'")
+    try:
+        sparsities = tuple(float(x) for x in args.sparsities.split(","))
+    except ValueError:
+        sparsities = (math.nan,)
+    if not all(0.0 <= s < 1.0 for s in sparsities):
+        raise SystemExit(f"liteattn bench: --sparsities must be comma-separated fractions of skipped k-tiles in "
+                         f"[0, 1), got {args.sparsities!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"liteattn bench: it times the Triton kernel on a CUDA GPU, and this torch "
+                         f"({torch.__version__}) sees none")
     env = environment()
     print(f"liteattn bench on {env['card']} (torch {env['torch']}, triton {env['triton']}), bf16")
     rows = run(shapes, sparsities, args.seed)

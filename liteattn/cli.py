@@ -13,10 +13,23 @@ def _example(args) -> int:
     from . import LiteAttention
     from .testing import StructuredSequence
 
-    torch.manual_seed(args.seed)
-    attn = LiteAttention(threshold=args.threshold, tile_q=args.tile, tile_k=args.tile, backend=args.backend)
-    steps = StructuredSequence(args.steps, batch=1, seq_q=args.seq, heads=args.heads, head_dim=64,
-                               seed=args.seed, device=args.device)
+    for name in ("steps", "seq", "heads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"liteattn example: --{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"liteattn example: --device {args.device}: this torch ({torch.__version__}) sees no "
+                             f"CUDA GPU; use --device cpu")
+        torch.manual_seed(args.seed)
+        attn = LiteAttention(threshold=args.threshold, tile_q=args.tile, tile_k=args.tile, backend=args.backend)
+        steps = StructuredSequence(args.steps, batch=1, seq_q=args.seq, heads=args.heads, head_dim=64,
+                                   seed=args.seed, device=device)
+        steps = list(steps)
+        attn(*steps[0])  # bad options (tile, threshold, backend for this device) fail here, in one line
+        attn.reset_skip_state()
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise SystemExit(f"liteattn example: {exc}") from None
     dense = LiteAttention(enable_skipping=False)
     print(f"liteattn example: {args.steps} steps of structured attention, S={args.seq}, H={args.heads}, D=64, "
           f"tile={args.tile}, threshold={args.threshold} (log2)")

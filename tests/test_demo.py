@@ -79,3 +79,38 @@ def test_demo_writes_every_file_and_a_sane_report(tmp_path, capsys):
         assert 0 < report[mode]["attention_seconds"] <= report[mode]["total_seconds"]
     table = capsys.readouterr().out
     assert "PSNR dB" in table and "sparsity" in table
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--threshold", "0.5"], "--threshold"),
+    (["--threshold", "nan"], "--threshold"),
+    (["--steps", "0"], "--steps"),
+    (["--guidance", "-1"], "--guidance"),
+    (["--guidance", "inf"], "--guidance"),
+    (["--seed", "-3"], "--seed"),
+    (["--tile", "40"], "--tile"),
+    (["--num-prompts", "0"], "--num-prompts"),
+    (["--num-prompts", "99"], "--num-prompts"),
+    (["--prompts", "purple hexagon moving left"], "unknown words ['purple', 'hexagon']"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:64"], "--device"),
+    (["--weights", "WEIGHTS_MISSING"], "no demo model weights"),
+    (["--weights", "WEIGHTS_GARBAGE"], "is not a demo model weights file"),
+    (["--out", "OUT_IS_A_FILE"], "is not a folder"),
+])
+def test_bad_options_exit_with_a_message_that_names_them(options, named, tmp_path):
+    """Every bad option stops the command before any sampling, with one line that names it (no traceback)."""
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    where = {"WEIGHTS_MISSING": str(tmp_path / "missing.safetensors"), "WEIGHTS_GARBAGE": str(garbage),
+             "OUT_IS_A_FILE": str(a_file)}
+    options = [where.get(o, o) for o in options]
+    out = ["--out", str(tmp_path / "never")] if "--out" not in options else []
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--device", "cpu", "--quiet", *out, *options] if "--device" not in options
+             else ["demo", "--quiet", *out, *options])
+    message = str(info.value.code)
+    assert message.startswith("liteattn demo: ") and named in message, message
+    assert not (tmp_path / "never").exists()  # nothing written

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 from liteattn.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,3 +34,20 @@ def test_example_prints_sparsity(capsys):
     assert [r[0] for r in rows] == ["0", "1", "2"]
     sparsity = [float(r[1].rstrip("%")) for r in rows]
     assert sparsity[0] == 0.0 and sparsity[-1] > 0.0  # the first step is dense, later ones skip
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["example", "--steps", "0"], "--steps"),
+    (["example", "--seq", "0"], "--seq"),
+    (["example", "--tile", "40"], "tile_q must be a positive multiple of 16"),
+    (["example", "--threshold", "1"], "threshold must be <= 0"),
+    (["example", "--device", "no-such-device"], "no-such-device"),
+    (["bench", "--shapes", "wan9"], "unknown shapes ['wan9']"),
+    (["bench", "--sparsities", "0,1.5"], "--sparsities"),
+    (["bench", "--sparsities", "half"], "--sparsities"),
+])
+def test_commands_refuse_bad_options_in_one_line(argv, named):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith(f"liteattn {argv[0]}: ") and named in message, message

@@ -94,11 +94,15 @@ def load_model(path: Union[str, pathlib.Path, None] = None, device="cpu", dtype:
     path = pathlib.Path(path) if path is not None else WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no demo model weights at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads(f.metadata()["config"])
-    config["patch_size"] = tuple(config["patch_size"])
-    model = TinyWan(config)
-    model.load_state_dict(load_file(str(path)))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {})["config"])
+        config["patch_size"] = tuple(config["patch_size"])
+        model = TinyWan(config)
+        model.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # not safetensors, no config, or other weights: one clear message, whatever the cause
+        raise ValueError(f"{path} is not a demo model weights file (a safetensors file written by "
+                         f"liteattn.demo.model.save_weights): {type(exc).__name__}: {exc}") from exc
     # The rotary tables stay in full precision (diffusers keeps `rope` in float32 too): bfloat16 angles would blur
     # positions.
     rope = {name: buffer.clone() for name, buffer in model.transformer.rope.named_buffers()}

@@ -187,6 +187,48 @@ def _require_demo_dependencies() -> None:
         raise SystemExit(f"liteattn demo needs {', '.join(missing)}: pip install 'liteattn[demo]'")
 
 
+def _checked_arguments(args):
+    """``(device, prompts, out folder)`` from the command's options; a bad option exits with a message naming it."""
+
+    def fail(message: str):
+        raise SystemExit(f"liteattn demo: {message}")
+
+    if args.threshold > 0 or math.isnan(args.threshold):
+        fail(f"--threshold must be <= 0 (log2 units) or -inf, got {args.threshold}")
+    if args.steps < 1:
+        fail(f"--steps must be at least 1, got {args.steps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        fail(f"--guidance must be a finite number >= 0 (1: no guidance), got {args.guidance}")
+    if args.seed < 0:
+        fail(f"--seed must be >= 0, got {args.seed}")
+    if args.tile < 16 or args.tile % 16:
+        fail(f"--tile must be a positive multiple of 16 tokens (the GPU kernel takes 64 or 128), got {args.tile}")
+    if args.prompts is None and not 1 <= args.num_prompts <= len(DEFAULT_PROMPTS):
+        fail(f"--num-prompts must be between 1 and {len(DEFAULT_PROMPTS)} (the built-in prompts), got "
+             f"{args.num_prompts}; pass your own with --prompts")
+    prompts = list(args.prompts or DEFAULT_PROMPTS[:args.num_prompts])
+    try:
+        data.tokenize(prompts)
+    except ValueError as exc:
+        fail(f"--prompts: {exc}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            fail(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= count:
+            fail(f"--device {args.device}: there are {count} CUDA GPUs (cuda:0 ... cuda:{count - 1})")
+    elif device.type != "cpu":
+        fail(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder")
+    return device, prompts, out
+
+
 def main(args) -> int:
     """The ``liteattn demo`` command (``args`` from :mod:`liteattn.cli`)."""
     import logging
@@ -196,17 +238,15 @@ def main(args) -> int:
 
     from .model import load_model
 
-    if args.threshold > 0 or math.isnan(args.threshold):
-        raise SystemExit(f"liteattn demo: --threshold must be <= 0 (log2 units) or -inf, got {args.threshold}")
+    device, prompts, out = _checked_arguments(args)  # every bad option fails here, before the model loads
     if not args.verbose:  # the handle's "enabled on ..." line would cut through the progress bar
         logging.getLogger("liteattn").setLevel(logging.WARNING)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    prompts = list(args.prompts or DEFAULT_PROMPTS[:args.num_prompts])
-    data.tokenize(prompts)  # unknown words fail now, not after the model loaded
-    out = pathlib.Path(args.out)
+    try:
+        model = load_model(args.weights, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"liteattn demo: --weights: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.weights, device=device, dtype=dtype)
     print(f"liteattn demo: {len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, threshold "
           f"{args.threshold:g} (log2), {device} {str(dtype).replace('torch.', '')}, seed {args.seed}")
     started = time.perf_counter()
