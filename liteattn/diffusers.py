@@ -596,18 +596,20 @@ class LiteAttentionHandle:
             raise ImportError("LiteAttentionHandle.plot needs matplotlib: pip install liteattn[diffusers]") from exc
         matplotlib.use("Agg", force=False)
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         stats = self.stats()
         steps = [e["step"] for e in stats["steps"]]
         fig = Figure(figsize=(7, 4), dpi=120)
         ax = fig.subplots()
-        for values in stats["layers"].values():
-            ax.plot(steps, values, color="0.75", linewidth=0.6)
-        for branch in range(stats["num_branches"]):
+        for n, values in enumerate(stats["layers"].values()):
+            ax.plot(steps, values, color="0.75", linewidth=0.6, label="each layer" if n == 0 else None)
+        ax.plot(steps, stats["sparsity"], color="black", linewidth=2.5, label="all layers")
+        for branch in range(stats["num_branches"]):  # on top: the branches often follow the mean closely
             values = [e["branches"][branch] if branch < len(e["branches"]) else math.nan for e in stats["steps"]]
             ax.plot(steps, values, linestyle="--", linewidth=1.2, label=f"guidance branch {branch}")
-        ax.plot(steps, stats["sparsity"], color="black", linewidth=2.0, label="all layers")
         ax.set_xlabel("denoising step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("sparsity (fraction of tiles skipped)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"liteattn: mean sparsity {stats['mean_sparsity']:.1%} over {len(steps)} steps")
