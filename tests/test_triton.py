@@ -210,3 +210,23 @@ def test_gpu_torch_compile_fullgraph():
     state.write.kv_counts.zero_()
     assert torch.allclose(out, f(q, k, v))
     assert torch.equal(written, state.write.to_dense())
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_inputs_on_another_device_than_the_current_one():
+    """Triton launches on the current device: inputs on cuda:1 while cuda:0 is current must still run on cuda:1,
+    ordered with cuda:1's stream, and give what the same call gives with cuda:1 current."""
+    q, k, v = next(iter(StructuredSequence(1, 2, 3000, 4, 128, dtype=torch.bfloat16, device="cuda:1")))
+    state = SkipState(2, 4, 3000, 3000, 128, 128, device="cuda:1")
+    kw = dict(read=state.read, write=state.write, threshold=-6.0, backend="triton")
+    with torch.cuda.device(1):
+        expected = lite_attention(q, k, v, **kw)
+        expected_written = state.write.to_dense()
+    torch.cuda.set_device(0)
+    for _ in range(3):  # work queued on cuda:1's stream must be ordered before the kernel reads
+        q, k, v = (x * 1.0 for x in (q, k, v))
+        state.write.kv_counts.zero_()
+        out = lite_attention(q, k, v, **kw)
+        assert out.device == torch.device("cuda:1")
+        assert torch.equal(out, expected)
+        assert torch.equal(state.write.to_dense(), expected_written)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import torch
 import triton
@@ -39,26 +40,30 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [64, D])
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [64, Dv])
     grid = (mq, B * H)
-    lite_attn_fwd[grid](
-        q_desc, k_desc, v_desc,
-        out, lse if lse is not None else _placeholder(q.device, torch.float32),
-        read_indices if read_indices is not None else int_ph,
-        read_counts if read_counts is not None else int_ph,
-        write_indices if write_indices is not None else int_ph,
-        write_counts if write_counts is not None else int_ph,
-        must_do_k.view(torch.uint8) if must_do_k is not None else _placeholder(q.device, torch.uint8),
-        must_do_q.view(torch.uint8) if must_do_q is not None else _placeholder(q.device, torch.uint8),
-        out.stride(0), out.stride(1), out.stride(2),
-        Sq, Sk, H, mq, nk,
-        scale * 1.4426950408889634, threshold,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, TILE_Q=tile_q, TILE_K=tile_k,
-        NK_POW2=triton.next_power_of_2(nk),
-        READ_LIST=read_indices is not None, WRITE_LIST=write_indices is not None,
-        HAS_MUST_DO_K=must_do_k is not None, HAS_MUST_DO_Q=must_do_q is not None,
-        RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
-        USE_WHILE=q.device.type == "cpu",
-        UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-    )
-    if write_indices is not None:
-        compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk), num_warps=4)
+    # Triton launches on the *current* CUDA device and stream: make that the inputs' device, or inputs on cuda:1
+    # would be read by a kernel on cuda:0, unordered with cuda:1's stream.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        lite_attn_fwd[grid](
+            q_desc, k_desc, v_desc,
+            out, lse if lse is not None else _placeholder(q.device, torch.float32),
+            read_indices if read_indices is not None else int_ph,
+            read_counts if read_counts is not None else int_ph,
+            write_indices if write_indices is not None else int_ph,
+            write_counts if write_counts is not None else int_ph,
+            must_do_k.view(torch.uint8) if must_do_k is not None else _placeholder(q.device, torch.uint8),
+            must_do_q.view(torch.uint8) if must_do_q is not None else _placeholder(q.device, torch.uint8),
+            out.stride(0), out.stride(1), out.stride(2),
+            Sq, Sk, H, mq, nk,
+            scale * 1.4426950408889634, threshold,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, TILE_Q=tile_q, TILE_K=tile_k,
+            NK_POW2=triton.next_power_of_2(nk),
+            READ_LIST=read_indices is not None, WRITE_LIST=write_indices is not None,
+            HAS_MUST_DO_K=must_do_k is not None, HAS_MUST_DO_Q=must_do_q is not None,
+            RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
+            USE_WHILE=q.device.type == "cpu",
+            UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        )
+        if write_indices is not None:
+            compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk),
+                                         num_warps=4)
     return out, lse
