@@ -251,3 +251,18 @@ def test_every_output_element_written(monkeypatch):
         assert not out.isnan().any() and not lse.isnan().any()
         check_call(q, k, v, read, out, lse, state.write.to_dense(), threshold=-4.0, tile_q=32, tile_k=32)
         state.swap()
+
+
+@pytest.mark.parametrize("block", [1, 32 * 320, 3 * 32 * 320, 2 * 10 * 32 * 320],
+                         ids=["below-one-tile", "one-tile", "three-tiles", "two-heads"])
+def test_score_blocks_smaller_than_the_problem(monkeypatch, block):
+    """The PyTorch backend cuts the scores into blocks of heads x whole q-tiles (small ones on the CPU); every cut,
+    including a last block of fewer tiles or heads, must give the oracle's outputs, LSE and decisions.
+    Here Mq = Nk = 10 tiles of 32 and H = 3, so one q-tile's scores are 32 x 320 elements."""
+    from liteattn.backends import torch_ref
+
+    monkeypatch.setattr(torch_ref, "_MAX_BLOCK_ELEMENTS_CPU", block)
+    seq = StructuredSequence(3, batch=2, seq_q=300, seq_k=310, heads=3, head_dim=16, drift=0.3,
+                             sharpness=(1.0, 3.0), seed=5)
+    state = SkipState(2, 3, 300, 310, tile_q=32, tile_k=32, must_skip=[(40, 80)])
+    assert_monotone(run_steps(seq, state, threshold=-5.0, must_do=[(300, 310)], must_do_q=[(0, 20)]))

@@ -15,9 +15,12 @@ import torch
 
 LOG2E = 1.4426950408889634
 
-# Elements of one score block (chunk of heads x rows x Sk); bounds peak memory at a few
-# hundred MB in fp32 while keeping the work vectorised.
+# Elements of one score block (chunk of heads x rows x Sk). On a GPU: 2^25 bounds peak memory at a few hundred MB
+# in fp32 while keeping the work vectorised. On a CPU the dozen elementwise passes over a block are memory-bound,
+# so a block of 2^20 (4 MB in fp32) that stays in cache is 1.5x faster than 2^25 at the demo's shape (B=2, S=4096,
+# H=4, D=64, fp32, two cores: 344 vs 522 ms; SDPA 187 ms).
 _MAX_BLOCK_ELEMENTS = 1 << 25
+_MAX_BLOCK_ELEMENTS_CPU = 1 << 20
 
 
 def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -57,8 +60,9 @@ def attention_forward(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device) if return_lse else None
 
     # Rows per block: whole q-tiles, so the per-q-tile reduction of the decision stays in one block.
-    tiles_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, tile_q * Nk * tile_k))
-    heads_per_block = max(1, min(H, _MAX_BLOCK_ELEMENTS // max(1, tiles_per_block * tile_q * Nk * tile_k)))
+    block = _MAX_BLOCK_ELEMENTS_CPU if device.type == "cpu" else _MAX_BLOCK_ELEMENTS
+    tiles_per_block = max(1, min(Mq, block // max(1, tile_q * Nk * tile_k)))
+    heads_per_block = max(1, min(H, block // max(1, tiles_per_block * tile_q * Nk * tile_k)))
     pad_k = Nk * tile_k - Sk
     # Below this, exp would leave the normal floats (-86.3 in fp32, -707.4 in fp64).
     exp_floor = math.log(torch.finfo(compute_dtype).tiny) + 1.0
