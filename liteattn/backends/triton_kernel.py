@@ -76,6 +76,14 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
 
 
 @triton.jit
+def _keep_max_rule(tile_max, m_prev, threshold):
+    """The decision of DESIGN section 1, per row (log2 units): does this tile raise the running max by more than
+    ``threshold``? ``m_prev`` is -inf before the first tile, so the first processed tile is always kept. (The
+    PyTorch backend's twin is ``torch_ref.keep_max_rule``; a planned mass rule goes beside these two.)"""
+    return (tile_max - m_prev) > threshold
+
+
+@triton.jit
 def _step(acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
           write_row_ptr, must_do_k_ptr, keep_all, row_valid,
           TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
@@ -88,7 +96,7 @@ def _step(acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_s
     if WRITE_LIST:
         # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first
         # tile. Each such row sets the tile's flag in the write row: no cross-warp reduction, no barrier per tile.
-        keep_row = ((tile_max - m_prev) > threshold) & row_valid
+        keep_row = _keep_max_rule(tile_max, m_prev, threshold) & row_valid
         tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
         must = keep_all
         if HAS_MUST_DO_K:
