@@ -266,3 +266,13 @@ def test_score_blocks_smaller_than_the_problem(monkeypatch, block):
                              sharpness=(1.0, 3.0), seed=5)
     state = SkipState(2, 3, 300, 310, tile_q=32, tile_k=32, must_skip=[(40, 80)])
     assert_monotone(run_steps(seq, state, threshold=-5.0, must_do=[(300, 310)], must_do_q=[(0, 20)]))
+
+
+@pytest.mark.parametrize("q_gain", [0.2, 5.0], ids=["no-underflow", "underflow"])  # score spread ~64 vs ~1600
+def test_whole_tile_lengths_with_and_without_exp_underflow(q_gain):
+    """Lengths that are whole tiles and calls that read every tile take the CPU's short exp path unless some score
+    lies more than ~86 (natural log) under its row's max; both paths must match the oracle, over several calls."""
+    base = StructuredSequence(3, batch=1, seq_q=256, heads=2, head_dim=16, drift=0.3, sharpness=(1.0, 3.0), seed=9)
+    seq = [(q * q_gain, k, v) for q, k, v in base]
+    state = SkipState(1, 2, 256, 256, tile_q=32, tile_k=32)
+    assert_monotone(run_steps(seq, state, threshold=-6.0))

@@ -103,15 +103,21 @@ def attention_forward(
                         keep |= must_do_q[t0:t1, None]
                     keep_out[b, hs, t0:t1] = keep & read_tiles
 
-                if read_dense is not None:
+                # On the CPU a host check is free, and when the block reads every tile it saves the read mask's
+                # pass over the scores (and, below, the underflow passes when nothing underflows).
+                reads_all = read_dense is None or (device.type == "cpu" and bool(read_rows.all()))
+                if not reads_all:
                     tiles.masked_fill_(~read_rows.unsqueeze(-1), -math.inf)
                 # One exp pass: p = exp(s - m), l = sum p, out = p v / l, lse = m + log l.
                 row_max = scores.amax(dim=-1, keepdim=True)  # -inf where nothing is read
                 shifted = scores.sub_(row_max.clamp_min(torch.finfo(compute_dtype).min))
-                # exp of arguments that underflow (and of -inf) takes a slow path on CPUs (30x); those terms are
-                # below the smallest normal float, so they are set to exactly 0 instead.
-                underflow = shifted < exp_floor
-                probs = shifted.clamp_(min=exp_floor).exp_().masked_fill_(underflow, 0.0)
+                if device.type == "cpu" and reads_all and pad_k == 0 and bool(shifted.amin() >= exp_floor):
+                    probs = shifted.exp_()
+                else:
+                    # exp of arguments that underflow (and of -inf) takes a slow path on CPUs (30x); those terms
+                    # are below the smallest normal float, so they are set to exactly 0 instead.
+                    underflow = shifted < exp_floor
+                    probs = shifted.clamp_(min=exp_floor).exp_().masked_fill_(underflow, 0.0)
                 row_sum = probs.sum(dim=-1, keepdim=True)  # 0 where nothing is read
                 ob = torch.matmul(probs, vb).div_(row_sum.clamp_min(torch.finfo(compute_dtype).tiny))
                 out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
