@@ -8,7 +8,6 @@ switch: construct one per attention layer, call it at every denoising step with
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch

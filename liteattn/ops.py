@@ -38,7 +38,7 @@ def _check_inputs(q, k, v) -> None:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    (B, Sq, H, D), (Bk, Sk, Hk, Dk), (Bv, Sv, Hv, _) = q.shape, k.shape, v.shape
+    (B, _, H, D), (Bk, Sk, Hk, Dk), (Bv, Sv, Hv, _) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv):
         raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv} (shapes are (B, S, H, D))")
     if not (H == Hk == Hv):

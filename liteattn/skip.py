@@ -17,9 +17,8 @@ Token ranges (must-do / must-skip) are half-open ``[(start, end), ...]``; the fl
 from __future__ import annotations
 
 import functools
-import math
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Tuple
 
 import torch
 

@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import liteattn
 from liteattn import SkipList, SkipState, lite_attention
 from liteattn.testing import StructuredSequence, structured_qkv
 from oracle import check_call, fresh_read, max_err, oracle_attention, overlapping_tiles

@@ -1,6 +1,5 @@
 """torch.compile through liteattn: one custom op, no graph breaks, thresholds that change between calls."""
 
-import pytest
 import torch
 
 import liteattn

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from liteattn import LiteAttention, SeqParallelLiteAttention, SkipList, SkipState, lite_attention
+from liteattn import LiteAttention, SeqParallelLiteAttention, SkipState, lite_attention
 
 
 def good(b=1, sq=40, sk=50, h=2, d=16, dv=8, dtype=torch.float32):
