@@ -36,6 +36,7 @@ import torch
 
 from .module import LiteAttention
 from .ops import check_threshold, lite_attention
+from .skip import check_tile
 
 logger = logging.getLogger("liteattn")
 
@@ -78,6 +79,13 @@ def _require_diffusers():
             f"pip install -U liteattn[diffusers]"
         )
     return diffusers
+
+
+def _qkv(attn, x):
+    """q, k, v projections of ``x`` (B, S, H*D), through the fused ``to_qkv`` after ``fuse_qkv_projections()``."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
 def _project_heads(x, heads, to_q, to_k, to_v, norm_q, norm_k):
@@ -253,10 +261,7 @@ class LiteWanAttnProcessor(_LiteProcessor):
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         self._check_parallel()
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = _qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         query = query.unflatten(2, (attn.heads, -1))  # (B, S, H, D)
@@ -376,10 +381,7 @@ class LiteCogVideoXAttnProcessor(_LiteProcessor):
         text_len = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size = hidden_states.shape[0]
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = _qkv(attn, hidden_states)
         head_dim = key.shape[-1] // attn.heads
         # (B, H, S, D) as in the original, so that norms and rotary embeddings see the same layout.
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -790,9 +792,8 @@ def enable(pipe_or_transformer, threshold: Threshold = -10.0, *, warmup_steps: i
     diffusers = _require_diffusers()
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
-    for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+    check_tile("tile_q", tile_q)
+    check_tile("tile_k", tile_k)
     found = _find_transformers(pipe_or_transformer, diffusers)
     specs = _model_specs(diffusers)
     handle = LiteAttentionHandle(threshold, int(warmup_steps), tile_q, tile_k)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .ops import _check_inputs, _lite_attention_checked, check_threshold
-from .skip import SkipState, normalize_ranges
+from .skip import SkipState, check_tile, normalize_ranges
 
 logger = logging.getLogger("liteattn")
 
@@ -39,9 +39,8 @@ class LiteAttention:
                  tile_q: int = 128, tile_k: int = 128, backend: Optional[str] = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-        for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+        check_tile("tile_q", tile_q)
+        check_tile("tile_k", tile_k)
         if backend not in (None, "torch", "triton"):
             raise ValueError(f"backend must be 'triton', 'torch' or None (automatic), got {backend!r}")
         self.enable_skipping = bool(enable_skipping)

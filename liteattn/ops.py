@@ -15,8 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .backends import resolve_backend, torch_ref, unsupported_reason
-from .skip import (Ranges, SkipList, compact_from_dense, dense_from_compact, normalize_ranges, num_tiles,
-                   tiles_overlapping)
+from .skip import (Ranges, SkipList, check_tile, compact_from_dense, dense_from_compact, normalize_ranges,
+                   num_tiles)
 
 logger = logging.getLogger("liteattn")
 
@@ -95,23 +95,25 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
 def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
     """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none.
 
-    Eager calls reuse a cached tensor. Under torch.compile the mask is built on ``device`` from an
-    iota and the ranges' constant bounds, so the graph holds no host tensor to copy.
+    Built on ``device`` from an iota and the ranges' constant bounds, so under torch.compile the graph holds no
+    host tensor to copy; eager calls reuse a cached tensor.
     """
     if not ranges:
         return None
     if torch.compiler.is_compiling():
-        tiles = torch.arange(num_tiles(length, tile), device=device)
-        mask = torch.zeros_like(tiles, dtype=torch.bool)
-        for start, end in ranges:
-            mask |= (tiles >= start // tile) & (tiles < -(-end // tile))
-        return mask
+        return _build_tile_mask(ranges, length, tile, device)
     return _cached_tile_mask(ranges, length, tile, device)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> torch.Tensor:
-    return tiles_overlapping(ranges, length, tile).to(device)
+def _build_tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> torch.Tensor:
+    tiles = torch.arange(num_tiles(length, tile), device=device)
+    mask = torch.zeros_like(tiles, dtype=torch.bool)
+    for start, end in ranges:  # normalized: 0 <= start < end <= length
+        mask |= (tiles >= start // tile) & (tiles < -(-end // tile))
+    return mask
+
+
+_cached_tile_mask = functools.lru_cache(maxsize=256)(_build_tile_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,10 +166,7 @@ def _resolve_tiles(read, write, tile_q, tile_k) -> Tuple[int, int]:
         return lists[0].tile_q, lists[0].tile_k
     tile_q = 128 if tile_q is None else tile_q
     tile_k = 128 if tile_k is None else tile_k
-    for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
-    return tile_q, tile_k
+    return check_tile("tile_q", tile_q), check_tile("tile_k", tile_k)
 
 
 def lite_attention(

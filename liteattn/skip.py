@@ -39,6 +39,13 @@ def num_tiles(length: int, tile: int) -> int:
     return -(-length // tile)
 
 
+def check_tile(name: str, value) -> int:
+    """``value`` as a tile size (a positive multiple of 16 tokens, a plain int), or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 16:
+        raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+    return value
+
+
 def _as_int(x, what: str) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
@@ -276,8 +283,7 @@ class SkipState:
             if _as_int(value, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
-            if _as_int(value, name) <= 0 or value % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+            check_tile(name, _as_int(value, name))
         self.batch, self.heads, self.seq_q, self.seq_k = batch, heads, seq_q, seq_k
         self.tile_q, self.tile_k = tile_q, tile_k
         self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")

@@ -105,7 +105,7 @@ def attention_forward(
 
                 # On the CPU a host check is free, and when the block reads every tile it saves the read mask's
                 # pass over the scores (and, below, the underflow passes when nothing underflows).
-                reads_all = read_dense is None or (device.type == "cpu" and bool(read_rows.all()))
+                reads_all = read_dense is None or (device.type == "cpu" and bool(read_tiles.all()))
                 if not reads_all:
                     tiles.masked_fill_(~read_rows.unsqueeze(-1), -math.inf)
                 # One exp pass: p = exp(s - m), l = sum p, out = p v / l, lse = m + log l.

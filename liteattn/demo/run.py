@@ -34,15 +34,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_dense(model, tokens, *, steps: int, guidance: float = GUIDANCE, seed: int = 0, on_step=None) -> dict:
-    """Sample with the model's own attention processors. Returns ``videos``, ``attention_seconds``, ``total_seconds``."""
+def _timed_sample(model, tokens, **sample_kwargs) -> dict:
+    """``videos``, ``attention_seconds`` (inside the self-attention modules) and ``total_seconds`` of one sampling."""
     device = model.token_embedding.weight.device
     _sync(device)
     start = time.perf_counter()
     with AttentionTimer(model.transformer) as timer:
-        videos = sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
+        videos = sample(model, tokens, **sample_kwargs)
     _sync(device)
     return dict(videos=videos, attention_seconds=timer.seconds, total_seconds=time.perf_counter() - start)
+
+
+def run_dense(model, tokens, *, steps: int, guidance: float = GUIDANCE, seed: int = 0, on_step=None) -> dict:
+    """Sample with the model's own attention processors. Returns ``videos``, ``attention_seconds``, ``total_seconds``."""
+    return _timed_sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
 
 
 def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float = GUIDANCE, seed: int = 0,
@@ -55,7 +60,6 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
     """
     import liteattn
 
-    device = model.token_embedding.weight.device
     handle = liteattn.enable(model.transformer, threshold=threshold, **enable_kwargs)
     calls_per_step = 2 if guidance != 1.0 else 1
     seen: Dict[int, int] = {}  # block -> calls so far
@@ -73,12 +77,7 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
         for i, block in enumerate(model.transformer.blocks):
             hooks.append(block.attn1.register_forward_pre_hook(functools.partial(capture, i)))
     try:
-        _sync(device)
-        start = time.perf_counter()
-        with AttentionTimer(model.transformer) as timer:
-            videos = sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
-        _sync(device)
-        total = time.perf_counter() - start
+        result = _timed_sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
         stats = handle.stats()
         if plot_path is not None:
             handle.plot(plot_path)
@@ -86,7 +85,7 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
         for hook in hooks:
             hook.remove()
         handle.disable()
-    return dict(videos=videos, stats=stats, attention_seconds=timer.seconds, total_seconds=total, masks=last)
+    return dict(result, stats=stats, masks=last)
 
 
 def _finite(x: float) -> Optional[float]:
@@ -193,16 +192,23 @@ def _checked_arguments(args):
     def fail(message: str):
         raise SystemExit(f"liteattn demo: {message}")
 
-    if args.threshold > 0 or math.isnan(args.threshold):
-        fail(f"--threshold must be <= 0 (log2 units) or -inf, got {args.threshold}")
+    from ..ops import check_threshold
+    from ..skip import check_tile
+
+    try:
+        check_threshold(args.threshold)
+    except ValueError as exc:
+        fail(f"--threshold: {exc}")
     if args.steps < 1:
         fail(f"--steps must be at least 1, got {args.steps}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         fail(f"--guidance must be a finite number >= 0 (1: no guidance), got {args.guidance}")
     if args.seed < 0:
         fail(f"--seed must be >= 0, got {args.seed}")
-    if args.tile < 16 or args.tile % 16:
-        fail(f"--tile must be a positive multiple of 16 tokens (the GPU kernel takes 64 or 128), got {args.tile}")
+    try:
+        check_tile("--tile", args.tile)
+    except ValueError as exc:
+        fail(f"{exc} (the GPU kernel takes 64 or 128)")
     if args.prompts is None and not 1 <= args.num_prompts <= len(DEFAULT_PROMPTS):
         fail(f"--num-prompts must be between 1 and {len(DEFAULT_PROMPTS)} (the built-in prompts), got "
              f"{args.num_prompts}; pass your own with --prompts")
