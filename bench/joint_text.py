@@ -1,7 +1,7 @@
 """Joint attention with dense text tokens: one LiteAttention call with must-do ranges vs. parts merged by LSE.
 
 HunyuanVideo puts its text tokens after the video tokens, CogVideoX before; text query rows and text key
-columns must never be skipped. Two ways (liteattn/diffusers.py has both):
+columns must never be skipped. Two ways (liteattn/joint.py has both; `liteattn.enable(..., joint_text=...)` picks one):
 
   must_do : one call over all N tokens, the text range is must-do for keys (must_do) and queries (must_do_q)
   split   : LiteAttention over video x video (with LSE) + dense video x text (with LSE), merged;
@@ -26,7 +26,7 @@ import time
 import torch
 
 from liteattn import LiteAttention
-from liteattn.diffusers import joint_attention_must_do, joint_attention_split
+from liteattn.joint import joint_attention
 from liteattn.testing import structured_qkv
 
 PRESETS = {
@@ -99,10 +99,13 @@ def main(argv=None) -> None:
             mask = ~((index >= text_end - text // 3) & (index < text_end)).view(1, 1, 1, -1)
             runs = {
                 "dense": lambda: _dense(q, k, v, None),
-                "must_do": lambda: joint_attention_must_do(attn["must_do"], q, k, v, text, text_first),
-                "split": lambda: joint_attention_split(attn["split"], q, k, v, text, text_first, _dense),
-                "split_mask": lambda: joint_attention_split(attn["split_mask"], q, k, v, text, text_first, _dense,
-                                                            mask),
+                "must_do": lambda: joint_attention(attn["must_do"], q, k, v, text_len=text, text_first=text_first,
+                                                   strategy="must_do"),
+                "split": lambda: joint_attention(attn["split"], q, k, v, text_len=text, text_first=text_first,
+                                                 strategy="split", dense=_dense),
+                "split_mask": lambda: joint_attention(attn["split_mask"], q, k, v, text_len=text,
+                                                      text_first=text_first, strategy="split", attn_mask=mask,
+                                                      dense=_dense),
             }
             ms = {name: 1e3 * _time(fn, device, args.steps) for name, fn in runs.items()}
             layout = "text first" if text_first else "text last"

@@ -70,7 +70,7 @@ def main() -> int:
 
     handle = liteattn.enable(model, threshold=float("-inf"))
     rows.append(("liteattn, threshold -inf (reads all)", 0.0, timed(call)))
-    state = handle._transformers[0].layers[0].attentions[0].skip_state
+    state = handle.attention(handle.layers[0]).skip_state
     for s in SPARSITIES:
         lists = random_lists(1, 40, 75600, 128, s, 0, device)
         state.read.kv_indices.copy_(lists.kv_indices)

@@ -5,9 +5,10 @@
     out = attn(q, k, v)                              # (B, S, H, D) in, (B, S, H, Dv) out
     attn.sparsity                                    # fraction of tiles skipped by that call
 
-The semantics (which tiles are skipped and when) are specified in DESIGN.md section 1.
+The semantics (which tiles are skipped and when) are specified in docs/DESIGN.md, section 1.
 """
 
+from .joint import attention_with_lse, merge_by_lse
 from .module import LiteAttention, SeqParallelLiteAttention
 from .ops import lite_attention
 from .skip import SkipList, SkipState
@@ -15,7 +16,7 @@ from .skip import SkipList, SkipState
 __version__ = "0.1.0"
 
 
-def enable(pipe_or_transformer, threshold=-10.0, *, warmup_steps=0, tile_q=128, tile_k=128, layers=None):
+def enable(pipe_or_transformer, threshold=-10.0, **options):
     """LiteAttention on a diffusers video pipeline or transformer, in one line; see :func:`liteattn.diffusers.enable`.
 
     ``handle = liteattn.enable(pipe, threshold=-6)``. diffusers is imported only when this is called
@@ -23,9 +24,8 @@ def enable(pipe_or_transformer, threshold=-10.0, *, warmup_steps=0, tile_q=128, 
     """
     from .diffusers import enable as _enable  # lazy: `import liteattn` never imports diffusers
 
-    return _enable(pipe_or_transformer, threshold, warmup_steps=warmup_steps, tile_q=tile_q, tile_k=tile_k,
-                   layers=layers)
+    return _enable(pipe_or_transformer, threshold, **options)
 
 
-__all__ = ["LiteAttention", "SeqParallelLiteAttention", "lite_attention", "SkipList", "SkipState", "enable",
-           "__version__"]
+__all__ = ["LiteAttention", "SeqParallelLiteAttention", "lite_attention", "SkipList", "SkipState", "merge_by_lse",
+           "attention_with_lse", "enable", "__version__"]

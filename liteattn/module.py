@@ -8,12 +8,15 @@ switch: construct one per attention layer, call it at every denoising step with
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
 
-from .ops import _check_inputs, _lite_attention_checked, check_threshold
-from .skip import SkipState, check_tile, normalize_ranges
+from . import backends
+from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold
+from .ops import check_inputs, lite_attention
+from .skip import SkipState, check_tile, fraction_skipped, normalize_ranges
 
 logger = logging.getLogger("liteattn")
 
@@ -25,32 +28,38 @@ class LiteAttention:
 
     Args:
         enable_skipping: when False, every call is plain dense attention and the state is untouched.
-        threshold: log2 units, ``<= 0`` (typical -3 ... -12), or ``-inf`` to keep every tile.
+        threshold: log2 units, ``<= 0`` (typical -3 ... -12), or ``-inf`` to keep every tile; a number or a
+            one-element tensor.
         max_batch_size: largest batch accepted (as in the reference implementation).
-        tile_q, tile_k: skip-tile sizes in tokens (multiples of 16 on the PyTorch path; 64 or 128 for Triton).
+        tile_q, tile_k: skip-tile sizes in tokens (multiples of 16; 64 or 128 on CUDA unless ``backend="torch"``).
         backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
+        criterion: the keep rule (:mod:`liteattn.criteria`), default ``"max"`` as in the reference.
 
     Calling it: ``attn(q, k, v)`` with ``q (B, S, H, D)``, ``k (B, Sk, H, D)``, ``v (B, Sk, H, Dv)`` returns
     ``(B, S, H, Dv)`` in the input dtype, or ``(out, lse)`` with ``lse (B, H, S)`` float32 when
     ``return_softmax_lse=True``.
+
+    Under ``torch.compile`` the call is one custom op without graph breaks. The threshold is a 0-d device tensor
+    updated in place, and the ping-pong swap exchanges tensor attributes, so neither a new threshold nor the next
+    step recompiles; the state is built eagerly, outside the graph, on the first skipping call.
     """
 
     def __init__(self, enable_skipping: bool = True, threshold: float = -10.0, max_batch_size: int = 4, *,
-                 tile_q: int = 128, tile_k: int = 128, backend: Optional[str] = None):
+                 tile_q: int = 128, tile_k: int = 128, backend: Optional[str] = None,
+                 criterion: str = DEFAULT_CRITERION):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         check_tile("tile_q", tile_q)
         check_tile("tile_k", tile_k)
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be 'triton', 'torch' or None (automatic), got {backend!r}")
+        self.backend = backends.check_backend(backend)
+        self.criterion = check_criterion(criterion)
         self.enable_skipping = bool(enable_skipping)
         self._threshold = check_threshold(threshold)
+        self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32)  # moves to the inputs' device
         self.max_batch_size = max_batch_size
         self.tile_q, self.tile_k = tile_q, tile_k
-        self.backend = backend
         self._state: Optional[SkipState] = None
-        self._state_key = None
-        self._last_read_counts: Optional[torch.Tensor] = None  # kv_counts the latest call computed
+        self.computed_tiles: Optional[torch.Tensor] = None
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -58,11 +67,14 @@ class LiteAttention:
         return self._threshold
 
     @threshold.setter
-    def threshold(self, value: float) -> None:
-        self._threshold = check_threshold(value)
+    def threshold(self, value) -> None:
+        value = check_threshold(value)
+        if value != self._threshold:
+            self._threshold_tensor.fill_(value)  # in place: compiled graphs read the new value, no recompile
+            self._threshold = value
 
-    def set_threshold(self, threshold: float) -> None:
-        """Set the skip threshold (log2 units, <= 0, or -inf)."""
+    def set_threshold(self, threshold) -> None:
+        """Set the skip threshold (log2 units, <= 0, or -inf): a number or a one-element tensor."""
         self.threshold = threshold
 
     def enable_skip_optimization(self, enable: bool = True) -> None:
@@ -73,7 +85,12 @@ class LiteAttention:
         """Forget every decision: the next call computes every tile (except must-skip ones)."""
         if self._state is not None:
             self._state.reset()
-        self._last_read_counts = None
+        self.computed_tiles = None
+
+    def free_skip_state(self) -> None:
+        """Drop the skip state and its device memory; the next skipping call starts from a fresh one."""
+        self._state = None
+        self.computed_tiles = None
 
     # -- inspection ----------------------------------------------------------------------------
     @property
@@ -82,55 +99,68 @@ class LiteAttention:
         return self._state
 
     @property
+    def num_tile_pairs(self) -> int:
+        """(b, h, q-tile, k-tile) pairs of one call on the current state's shape (0 without a state)."""
+        return math.prod(self._state.shape) if self._state is not None else 0
+
+    @property
     def sparsity(self) -> float:
         """Fraction of (b, h, q-tile, k-tile) pairs not computed in the most recent call.
 
         0.0 before any call and after a dense call. Reading it synchronises with the device.
+        ``computed_tiles``, the int32 ``(B, H, Mq)`` tile counts that call computed (None after a dense call), is
+        the device tensor behind it.
         """
-        if self._last_read_counts is None:
+        if self.computed_tiles is None:
             return 0.0
-        b, h, mq, nk = self._state.shape
-        return 1.0 - self._last_read_counts.sum().item() / (b * h * mq * nk)
+        return fraction_skipped(self.computed_tiles.sum(), self.num_tile_pairs)
 
     def __repr__(self) -> str:
         return (f"LiteAttention(enable_skipping={self.enable_skipping}, threshold={self.threshold}, "
                 f"max_batch_size={self.max_batch_size}, tile_q={self.tile_q}, tile_k={self.tile_k}, "
-                f"backend={self.backend!r}, state={'none' if self._state is None else tuple(self._state.shape)})")
+                f"backend={self.backend!r}, criterion={self.criterion!r}, "
+                f"state={'none' if self._state is None else tuple(self._state.shape)})")
 
     # -- the call ------------------------------------------------------------------------------
-    def _ensure_state(self, query, key, value, must_skip) -> SkipState:
-        B, Sq, H, D = query.shape
-        state_key = dict(batch=B, seq_q=Sq, seq_k=key.shape[1], heads=H, head_dim=D, value_dim=value.shape[-1],
-                         dtype=query.dtype, device=query.device, must_skip=must_skip)
-        if self._state is not None and state_key == self._state_key:
-            return self._state
+    @torch.compiler.disable
+    def _new_state(self, query, key, must_skip) -> SkipState:
+        """A fresh state for these inputs, built eagerly (outside any compiled graph)."""
+        B, Sq, H, _ = query.shape
         if self._state is not None:
-            changed = ", ".join(f"{k} {self._state_key[k]} -> {v}" for k, v in state_key.items()
-                                if self._state_key[k] != v)
+            old = self._state
+            before = dict(batch=old.batch, seq_q=old.seq_q, seq_k=old.seq_k, heads=old.heads, device=old.device,
+                          must_skip=old.must_skip)
+            after = dict(batch=B, seq_q=Sq, seq_k=key.shape[1], heads=H, device=query.device, must_skip=must_skip)
+            changed = ", ".join(f"{name} {before[name]} -> {after[name]}" for name in before
+                                if before[name] != after[name])
             logger.info("liteattn: re-initialising the skip state (%s)", changed)
         self._state = SkipState(B, H, Sq, key.shape[1], self.tile_q, self.tile_k, must_skip, query.device)
-        self._state_key = state_key
-        self._last_read_counts = None
+        self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32, device=query.device)
+        self.computed_tiles = None
         return self._state
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None,
                  return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None, must_do_q_list=None):
         """``must_do_list`` / ``must_skip_list``: key-token ranges; ``must_do_q_list``: query-token ranges whose
         q-tiles never drop a tile (text rows of joint attention). All are half-open ``[(start, end), ...]``."""
-        _check_inputs(query, key, value)
+        check_inputs(query, key, value)
         if query.shape[0] > self.max_batch_size:
             raise ValueError(f"batch size {query.shape[0]} exceeds max_batch_size={self.max_batch_size}; "
                              f"construct LiteAttention(max_batch_size={query.shape[0]}) or larger")
         if not self.enable_skipping:
-            self._last_read_counts = None
-            return _lite_attention_checked(query, key, value, None, None, self._threshold, scale, None, None,
-                                           return_softmax_lse, self.backend, self.tile_q, self.tile_k)
+            self.computed_tiles = None
+            return lite_attention(query, key, value, scale=scale, return_lse=return_softmax_lse,
+                                  backend=self.backend, tile_q=self.tile_q, tile_k=self.tile_k)
+        B, Sq, H, _ = query.shape
         must_skip = normalize_ranges(must_skip_list, key.shape[1], "must_skip_list")
-        state = self._ensure_state(query, key, value, must_skip)
-        read, write = state.read, state.write
-        result = _lite_attention_checked(query, key, value, read, write, self._threshold, scale, must_do_list,
-                                         must_do_q_list, return_softmax_lse, self.backend, None, None)
-        self._last_read_counts = read.kv_counts
+        state = self._state
+        if state is None or not state.matches(B, H, Sq, key.shape[1], query.device, must_skip):
+            state = self._new_state(query, key, must_skip)
+        read = state.read
+        result = lite_attention(query, key, value, read=read, write=state.write, threshold=self._threshold_tensor,
+                                criterion=self.criterion, scale=scale, must_do=must_do_list,
+                                must_do_q=must_do_q_list, return_lse=return_softmax_lse, backend=self.backend)
+        self.computed_tiles = read.kv_counts
         state.swap()
         return result
 

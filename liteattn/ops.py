@@ -6,24 +6,24 @@ It validates, resolves the backend and dispatches; the skip state lives elsewher
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import numbers
 from typing import Optional, Tuple, Union
 
 import torch
 
-from .backends import resolve_backend, torch_ref, unsupported_reason
-from .skip import (Ranges, SkipList, check_tile, compact_from_dense, dense_from_compact, normalize_ranges,
-                   num_tiles)
+from . import backends
+from .backends import torch_ref
+from .criteria import DEFAULT_CRITERION, check_criterion, criterion_id, threshold_tensor
+from .skip import (SkipList, check_tile, compact_from_dense, dense_from_compact, normalize_ranges, num_tiles,
+                   tiles_overlapping)
 
-logger = logging.getLogger("liteattn")
+__all__ = ["lite_attention", "check_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(q, k, v) -> None:
+def check_inputs(q, k, v) -> None:
     """ValueError/TypeError naming what is wrong with q, k, v and what is accepted."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -47,22 +47,6 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"q and k head dims differ: {D} vs {Dk}")
     if Sk != Sv:
         raise ValueError(f"k and v lengths differ: {Sk} vs {Sv}; they must have the same sequence length")
-
-
-def check_threshold(threshold) -> float:
-    """The skip threshold in log2 units: a real number <= 0, or -inf (keep every tile).
-
-    Under torch.compile the value may be symbolic; it was checked when it was set (LiteAttention), and
-    checking it here would break the graph, so it passes through.
-    """
-    if torch.compiler.is_compiling():
-        return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a real number <= 0 (log2 units) or -inf, got {threshold!r}")
-    threshold = float(threshold)
-    if math.isnan(threshold) or threshold > 0:
-        raise ValueError(f"threshold must be <= 0 (log2 units, typical -3 ... -12) or -inf, got {threshold}")
-    return threshold
 
 
 def _check_scale(scale, head_dim: int) -> float:
@@ -92,53 +76,29 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
         raise ValueError(f"{name}.kv_indices and {name}.kv_counts must be contiguous (call .clone() on the list)")
 
 
-def tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> Optional[torch.Tensor]:
-    """bool (n_tiles,) on ``device`` of tiles overlapping ``ranges``; None when there are none.
-
-    Built on ``device`` from an iota and the ranges' constant bounds, so under torch.compile the graph holds no
-    host tensor to copy; eager calls reuse a cached tensor.
-    """
-    if not ranges:
-        return None
-    if torch.compiler.is_compiling():
-        return _build_tile_mask(ranges, length, tile, device)
-    return _cached_tile_mask(ranges, length, tile, device)
-
-
-def _build_tile_mask(ranges: Ranges, length: int, tile: int, device: torch.device) -> torch.Tensor:
-    tiles = torch.arange(num_tiles(length, tile), device=device)
-    mask = torch.zeros_like(tiles, dtype=torch.bool)
-    for start, end in ranges:  # normalized: 0 <= start < end <= length
-        mask |= (tiles >= start // tile) & (tiles < -(-end // tile))
-    return mask
-
-
-_cached_tile_mask = functools.lru_cache(maxsize=256)(_build_tile_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_fallback_once(reason: str) -> None:
-    logger.warning("liteattn: using the PyTorch backend: %s", reason)
-
-
 @torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts"))
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     read_indices: Optional[torch.Tensor], read_counts: Optional[torch.Tensor],
     write_indices: Optional[torch.Tensor], write_counts: Optional[torch.Tensor],
     must_do_k: Optional[torch.Tensor], must_do_q: Optional[torch.Tensor],
-    threshold: float, scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
+    threshold: Optional[torch.Tensor], criterion: str,
+    scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The op torch.compile sees: inputs validated, backend resolved. lse is empty unless return_lse."""
+    """The op torch.compile sees: inputs validated, backend chosen. lse is empty unless return_lse.
+
+    ``threshold`` is a 0-d float32 tensor (read by the kernels at run time) whenever there is a write list.
+    """
     if backend == "triton":
         from .backends.triton_launch import triton_attention
 
         out, lse = triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts,
-                                    must_do_k, must_do_q, threshold, scale, tile_q, tile_k, return_lse)
+                                    must_do_k, must_do_q, threshold, criterion_id(criterion), scale, tile_q, tile_k,
+                                    return_lse)
     else:
         read_dense = None if read_indices is None else dense_from_compact(read_indices, read_counts)
         keep = None if write_indices is None else torch.empty(write_indices.shape, dtype=torch.bool, device=q.device)
-        out, lse = torch_ref.attention_forward(q, k, v, read_dense, keep, threshold, scale, tile_q, tile_k,
+        out, lse = torch_ref.attention_forward(q, k, v, read_dense, keep, threshold, criterion, scale, tile_q, tile_k,
                                                must_do_k, must_do_q, return_lse)
         if keep is not None:
             compact_from_dense(keep, write_indices, write_counts)
@@ -146,8 +106,8 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, scale,
-      tile_q, tile_k, return_lse, backend):
+def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, criterion,
+      scale, tile_q, tile_k, return_lse, backend):
     B, Sq, H, _ = q.shape
     out = q.new_empty(B, Sq, H, v.shape[-1])
     lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -176,7 +136,8 @@ def lite_attention(
     *,
     read: Optional[SkipList] = None,
     write: Optional[SkipList] = None,
-    threshold: float = -10.0,
+    threshold: Union[float, torch.Tensor] = -10.0,
+    criterion: str = DEFAULT_CRITERION,
     scale: Optional[float] = None,
     must_do=None,
     must_do_q=None,
@@ -187,34 +148,31 @@ def lite_attention(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention over the k-tiles of ``read``, filling ``write`` with the tiles that still matter.
 
+    The one validated entry point of the core (:class:`liteattn.LiteAttention` calls it too); docs/DESIGN.md
+    section 1 specifies what it computes.
+
     Args:
         q: ``(B, Sq, H, D)``; k: ``(B, Sk, H, D)``; v: ``(B, Sk, H, Dv)``; fp16, bf16, fp32 (fp64 on the
             PyTorch backend), one device.
         read: the :class:`SkipList` to compute; ``None`` computes every tile (dense attention).
-        write: the :class:`SkipList` to fill with the kept tiles of ``read`` (DESIGN section 1);
-            ``None`` decides nothing.
-        threshold: log2 units, ``<= 0``; a tile is kept when it raises some row's running max by more
-            than ``threshold``. ``-inf`` keeps everything.
+        write: the :class:`SkipList` to fill with the kept tiles of ``read``; ``None`` decides nothing.
+        threshold: log2 units, ``<= 0``; ``-inf`` keeps everything. A float, or a 0-d float32 tensor on the
+            inputs' device that the kernel reads at run time (its value is not checked here).
+        criterion: the keep rule (:mod:`liteattn.criteria`): ``"max"`` keeps a tile that raises some row's
+            running max by more than ``threshold``.
         scale: softmax scale, default ``1/sqrt(D)``.
         must_do: key-token ranges ``[(start, end), ...]`` (or flat ``[a0, b0, ...]``) whose k-tiles are
             never dropped.
         must_do_q: query-token ranges whose q-tiles never drop a tile (e.g. text rows in joint attention).
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
-        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
+        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic; :func:`liteattn.backends.choose`).
         tile_q, tile_k: tile sizes when no list is given (default 128); must match the lists otherwise.
 
     Returns:
         ``out (B, Sq, H, Dv)`` in the input dtype, or ``(out, lse)``.
     """
-    _check_inputs(q, k, v)
-    return _lite_attention_checked(q, k, v, read, write, threshold, scale, must_do, must_do_q, return_lse, backend,
-                                   tile_q, tile_k)
-
-
-def _lite_attention_checked(q, k, v, read, write, threshold, scale, must_do, must_do_q, return_lse, backend,
-                            tile_q, tile_k):
-    """``lite_attention`` once q, k and v have passed ``_check_inputs`` (LiteAttention checks them first)."""
-    threshold = check_threshold(threshold)
+    check_inputs(q, k, v)
+    criterion = check_criterion(criterion)
     scale = _check_scale(scale, q.shape[-1])
     tile_q, tile_k = _resolve_tiles(read, write, tile_q, tile_k)
     B, Sq, H, _ = q.shape
@@ -226,22 +184,19 @@ def _lite_attention_checked(q, k, v, read, write, threshold, scale, must_do, mus
     if (read is not None and write is not None and not torch.compiler.is_compiling()
             and read.kv_indices.data_ptr() == write.kv_indices.data_ptr()):
         raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
-    must_do_k_tiles = tile_mask(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
-    must_do_q_tiles = tile_mask(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
-
-    name = resolve_backend(backend, q.device)
-    if name == "triton":
-        reason = unsupported_reason(q, v, tile_q, tile_k)
-        if reason is not None:
-            if backend == "triton":
-                raise ValueError(f"backend='triton': {reason}; use backend='torch' or None")
-            _log_fallback_once(reason)
-            name = "torch"
+    threshold = threshold_tensor(threshold, q.device)  # a float is checked here
+    must_do_k_tiles = _tiles_or_none(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
+    must_do_q_tiles = _tiles_or_none(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
+    name = backends.choose(backend, q, v, tile_q, tile_k)
 
     out, lse = torch.ops.liteattn.attention_fwd(
         q, k, v,
         None if read is None else read.kv_indices, None if read is None else read.kv_counts,
         None if write is None else write.kv_indices, None if write is None else write.kv_counts,
-        must_do_k_tiles, must_do_q_tiles, threshold, scale, tile_q, tile_k, return_lse, name,
+        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, scale, tile_q, tile_k, return_lse, name,
     )
     return (out, lse) if return_lse else out
+
+
+def _tiles_or_none(ranges, length: int, tile: int, device) -> Optional[torch.Tensor]:
+    return tiles_overlapping(ranges, length, tile, device) if ranges else None

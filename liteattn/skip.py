@@ -17,6 +17,7 @@ Token ranges (must-do / must-skip) are half-open ``[(start, end), ...]``; the fl
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Iterable, Tuple
 
@@ -31,6 +32,8 @@ __all__ = [
     "tiles_overlapping",
     "tiles_covered",
     "num_tiles",
+    "check_tile",
+    "fraction_skipped",
 ]
 
 
@@ -97,26 +100,62 @@ def normalize_ranges(ranges, length: int, name: str = "ranges") -> Ranges:
     return tuple(sorted(p for p in pairs if p[0] < p[1]))
 
 
-@functools.lru_cache(maxsize=256)
-def _token_mask(ranges: Ranges, length: int) -> torch.Tensor:
-    mask = torch.zeros(length, dtype=torch.bool)
-    for start, end in ranges:
-        mask[start:end] = True
+def _merged(ranges: Ranges) -> Ranges:
+    """Sorted ranges with overlapping or touching ones merged (their union, as disjoint ranges)."""
+    merged = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def _build_tile_mask(ranges: Ranges, length: int, tile: int, device, covered: bool) -> torch.Tensor:
+    # From an iota and the ranges' constant bounds, on ``device``: under torch.compile the graph holds no host
+    # tensor to copy.
+    first = torch.arange(num_tiles(length, tile), device=device) * tile  # first token of each tile
+    last = torch.clamp(first + tile, max=length)  # one past its last token
+    mask = torch.zeros_like(first, dtype=torch.bool)
+    for start, end in (_merged(ranges) if covered else ranges):
+        mask |= (first >= start) & (last <= end) if covered else (first < end) & (last > start)
     return mask
 
 
-def tiles_overlapping(ranges: Ranges, length: int, tile: int) -> torch.Tensor:
-    """bool (n_tiles,): tiles that share at least one token with the ranges (CPU tensor)."""
-    n = num_tiles(length, tile)
-    mask = torch.nn.functional.pad(_token_mask(ranges, length), (0, n * tile - length), value=False)
-    return mask.view(n, tile).any(dim=1)
+_cached_tile_mask = functools.lru_cache(maxsize=256)(_build_tile_mask)
 
 
-def tiles_covered(ranges: Ranges, length: int, tile: int) -> torch.Tensor:
-    """bool (n_tiles,): tiles whose every valid token lies inside the ranges (CPU tensor)."""
-    n = num_tiles(length, tile)
-    mask = torch.nn.functional.pad(_token_mask(ranges, length), (0, n * tile - length), value=True)
-    return mask.view(n, tile).all(dim=1)
+def _tile_mask(ranges: Ranges, length: int, tile: int, device, covered: bool) -> torch.Tensor:
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        return _build_tile_mask(ranges, length, tile, device, covered)
+    return _cached_tile_mask(ranges, length, tile, device, covered)  # eager calls reuse one tensor: never write it
+
+
+def tiles_overlapping(ranges: Ranges, length: int, tile: int, device=None) -> torch.Tensor:
+    """bool ``(n_tiles,)`` on ``device``: tiles that share at least one token with the (normalized) ranges.
+
+    The must-do rule: a k-tile that overlaps a must-do key range is never dropped, and a q-tile that overlaps a
+    must-do query range drops nothing.
+    """
+    return _tile_mask(tuple(ranges), length, tile, device, covered=False)
+
+
+def tiles_covered(ranges: Ranges, length: int, tile: int, device=None) -> torch.Tensor:
+    """bool ``(n_tiles,)`` on ``device``: tiles whose every token lies in the union of the (normalized) ranges.
+
+    The must-skip rule: such a k-tile is never computed.
+    """
+    return _tile_mask(tuple(ranges), length, tile, device, covered=True)
+
+
+def fraction_skipped(computed, total: int) -> float:
+    """Sparsity, the one way liteattn computes it: the fraction of ``total`` tile pairs not among ``computed``.
+
+    ``computed`` is a count (int or a one-element tensor; reading a device tensor synchronises).
+    """
+    computed = computed.item() if isinstance(computed, torch.Tensor) else computed
+    return 1.0 - computed / total if total else 0.0
 
 
 def compact_from_dense(dense: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> None:
@@ -188,8 +227,7 @@ class SkipList:
         """Every k-tile, except those that the must-skip key ranges cover completely."""
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
         ranges = normalize_ranges(must_skip, seq_k, "must_skip")
-        keep = ~tiles_covered(ranges, seq_k, tile_k).to(device)
-        dense = keep.expand(batch, heads, mq, nk)
+        dense = (~tiles_covered(ranges, seq_k, tile_k, device)).expand(batch, heads, mq, nk)
         indices = torch.empty(batch, heads, mq, nk, dtype=torch.int32, device=device)
         counts = torch.empty(batch, heads, mq, dtype=torch.int32, device=device)
         compact_from_dense(dense, indices, counts)
@@ -220,8 +258,7 @@ class SkipList:
 
     def sparsity(self) -> float:
         """Fraction of (b, h, q-tile, k-tile) pairs not computed (synchronises with the device)."""
-        total = self.kv_indices.numel()
-        return 1.0 - self.kv_counts.sum().item() / total if total else 0.0
+        return fraction_skipped(self.kv_counts.sum(), self.kv_indices.numel())
 
     def to(self, device) -> "SkipList":
         return SkipList(self.kv_indices.to(device), self.kv_counts.to(device), self.tile_q, self.tile_k,
@@ -230,6 +267,39 @@ class SkipList:
     def clone(self) -> "SkipList":
         return SkipList(self.kv_indices.clone(), self.kv_counts.clone(), self.tile_q, self.tile_k,
                         self.seq_q, self.seq_k)
+
+    def as_tuple(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_indices, kv_counts)``: the two tensors, for code that takes them apart (kernels, FlexAttention)."""
+        return self.kv_indices, self.kv_counts
+
+    def to_block_mask(self):
+        """A FlexAttention ``BlockMask`` that computes exactly this list's tiles (as full blocks, no mask_mod).
+
+        ``flex_attention(q, k, v, block_mask=lst.to_block_mask())`` with ``(B, H, S, D)`` inputs then attends over
+        the same tiles as liteattn with this read list (``liteattn bench`` times the two that way).
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        return BlockMask.from_kv_blocks(
+            kv_num_blocks=torch.zeros_like(self.kv_counts), kv_indices=self.kv_indices,
+            full_kv_num_blocks=self.kv_counts, full_kv_indices=self.kv_indices,
+            BLOCK_SIZE=(self.tile_q, self.tile_k), seq_lengths=(self.seq_q, self.seq_k))
+
+    @classmethod
+    def from_block_mask(cls, block_mask) -> "SkipList":
+        """The tiles a FlexAttention ``BlockMask`` computes (its partial and full blocks), as a SkipList.
+
+        Blocks become tiles (``BLOCK_SIZE`` = ``(tile_q, tile_k)``); a ``mask_mod`` that masks tokens *inside*
+        partial blocks has no tile-level equivalent, so such a block counts as computed.
+        """
+        block = block_mask.BLOCK_SIZE
+        tile_q, tile_k = (block, block) if isinstance(block, int) else block
+        seq_q, seq_k = block_mask.seq_lengths
+        dense = dense_from_compact(block_mask.kv_indices, block_mask.kv_num_blocks)
+        if block_mask.full_kv_num_blocks is not None:
+            dense |= dense_from_compact(block_mask.full_kv_indices, block_mask.full_kv_num_blocks)
+        mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
+        return cls.from_dense(dense[..., :mq, :nk].contiguous(), tile_q, tile_k, seq_q, seq_k)
 
     def __getitem__(self, index) -> "SkipList":
         if not isinstance(index, tuple):
@@ -273,12 +343,17 @@ class SkipList:
 class SkipState:
     """Double-buffered skip lists for one attention layer (ping-pong).
 
-    ``read`` is what the next call computes, ``write`` what it fills. ``swap()`` exchanges
-    them; it flips a Python integer only, so it never touches the device.
+    ``read`` is what the next call computes, ``write`` what it fills. ``swap()`` exchanges the two
+    :class:`SkipList` objects; nothing on the device moves, and under ``torch.compile`` the swap is a plain
+    attribute change (no Python integer for the graph to specialise on).
+
+    A keep rule that needs more than the lists (docs/DESIGN.md section 1: the planned mass rule reads the
+    previous call's log-sum-exp) keeps it here: ``lse`` is a float32 ``(B, H, Sq)`` buffer when ``with_lse``,
+    else None.
     """
 
     def __init__(self, batch: int, heads: int, seq_q: int, seq_k: int, tile_q: int = 128, tile_k: int = 128,
-                 must_skip=None, device=None):
+                 must_skip=None, device=None, *, with_lse: bool = False):
         for name, value in (("batch", batch), ("heads", heads), ("seq_q", seq_q), ("seq_k", seq_k)):
             if _as_int(value, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -289,38 +364,44 @@ class SkipState:
         self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
-        self._indices = torch.empty(2, batch, heads, mq, nk, dtype=torch.int32, device=self.device)
-        self._counts = torch.empty(2, batch, heads, mq, dtype=torch.int32, device=self.device)
+        indices = torch.empty(2, batch, heads, mq, nk, dtype=torch.int32, device=self.device)
+        counts = torch.empty(2, batch, heads, mq, dtype=torch.int32, device=self.device)
+        self.read, self.write = (SkipList(indices[slot], counts[slot], tile_q, tile_k, seq_q, seq_k)
+                                 for slot in range(2))
+        self.lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=self.device) if with_lse else None
         self.reset()
 
     def reset(self) -> None:
         """Back to the fresh state: both lists hold every tile not covered by a must-skip range."""
         fresh = SkipList.full(self.batch, self.heads, self.seq_q, self.seq_k, self.tile_q, self.tile_k,
                               self.device, self.must_skip)
-        self._indices.copy_(fresh.kv_indices.unsqueeze(0).expand_as(self._indices))
-        self._counts.copy_(fresh.kv_counts.unsqueeze(0).expand_as(self._counts))
-        self._read_slot = 0
-
-    def _list(self, slot: int) -> SkipList:
-        return SkipList(self._indices[slot], self._counts[slot], self.tile_q, self.tile_k, self.seq_q, self.seq_k)
-
-    @property
-    def read(self) -> SkipList:
-        """The list the next call reads (computes)."""
-        return self._list(self._read_slot)
-
-    @property
-    def write(self) -> SkipList:
-        """The list the next call fills for the call after it."""
-        return self._list(1 - self._read_slot)
+        for lst in (self.read, self.write):
+            lst.kv_indices.copy_(fresh.kv_indices)
+            lst.kv_counts.copy_(fresh.kv_counts)
+        if self.lse is not None:
+            self.lse.fill_(math.nan)  # no previous call
 
     def swap(self) -> None:
-        self._read_slot = 1 - self._read_slot
+        """The list just written becomes the one the next call reads."""
+        self.read, self.write = self.write, self.read
+
+    def matches(self, batch: int, heads: int, seq_q: int, seq_k: int, device, must_skip) -> bool:
+        """Whether this state serves inputs of these sizes, on this device, with these (normalized) must-skip
+        ranges. (The lists do not depend on dtype or head dims.)"""
+        return ((self.batch, self.heads, self.seq_q, self.seq_k, self.device, self.must_skip)
+                == (batch, heads, seq_q, seq_k, device, must_skip))
 
     @property
     def shape(self) -> torch.Size:
         """(B, H, Mq, Nk)."""
-        return self._indices.shape[1:]
+        return self.read.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory held by this state's tensors, in bytes."""
+        tensors = [self.read.kv_indices, self.read.kv_counts, self.write.kv_indices, self.write.kv_counts]
+        tensors += [self.lse] if self.lse is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def to_dense(self) -> torch.Tensor:
         """bool ``(B, H, Mq, Nk)`` of the read list: True where the next call computes the tile."""

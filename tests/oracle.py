@@ -147,24 +147,52 @@ def token_mask(read: torch.Tensor, seq_q: int, seq_k: int, tile_q: int, tile_k: 
             .repeat_interleave(tile_k, dim=3)[:, :, :, :seq_k])
 
 
-def plain_attention(q, k, v, read: Optional[torch.Tensor], tile_q: int, tile_k: int, scale: Optional[float] = None):
+def plain_attention(q, k, v, read: Optional[torch.Tensor], tile_q: int, tile_k: int, scale: Optional[float] = None,
+                    rows_per_chunk: int = 4096):
     """Plain PyTorch attention computed *in the input dtype*, masked to the read tiles.
 
     Returns (out (B, Sq, H, Dv) in the input dtype, lse (B, H, Sq) in the input dtype). Rows
-    that read nothing give 0 and -inf, as the contract says.
+    that read nothing give 0 and -inf, as the contract says. Rows go in chunks, so production
+    lengths fit in GPU memory.
     """
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # input dtype
-    if read is not None:
-        mask = token_mask(read.to(q.device), Sq, Sk, tile_q, tile_k)
-        scores = scores.masked_fill(~mask, -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: NaN -> 0
-    out = torch.matmul(probs, vt).transpose(1, 2)
-    lse = torch.logsumexp(scores, dim=-1)
-    return out, lse
+    out = torch.empty(B, H, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=q.dtype, device=q.device)
+    for r0 in range(0, Sq, rows_per_chunk):
+        r1 = min(Sq, r0 + rows_per_chunk)
+        scores = torch.matmul(qt[:, :, r0:r1], kt.transpose(-1, -2)) * scale  # input dtype
+        if read is not None:
+            rows = torch.arange(r0, r1, device=q.device) // tile_q
+            mask = read.to(q.device)[:, :, rows].repeat_interleave(tile_k, dim=3)[..., :Sk]
+            scores = scores.masked_fill(~mask, -math.inf)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: NaN -> 0
+        out[:, :, r0:r1] = torch.matmul(probs, vt)
+        lse[:, :, r0:r1] = torch.logsumexp(scores, dim=-1)
+    return out.transpose(1, 2), lse
+
+
+def tile_margin(q, k, read: torch.Tensor, b: int, h: int, i: int, j: int, *, tile_q: int, tile_k: int,
+                threshold: float, scale: Optional[float] = None) -> float:
+    """The max rule's margin of one read tile, ``max_r (tmax_r(j) - mprev_r(j)) * log2(e) - threshold``, in float64
+    (the tile-by-tile walk of :func:`oracle_attention` for one (b, h, i), up to tile j), for shapes too large for
+    the whole oracle."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    r0, r1 = tile_bounds(i, tile_q, Sq)
+    rows = q[b, r0:r1, h].double()
+    running = torch.full((r1 - r0,), -math.inf, dtype=torch.float64, device=q.device)
+    for t in torch.nonzero(read[b, h, i]).flatten().tolist():
+        if t > j:
+            break
+        c0, c1 = tile_bounds(t, tile_k, Sk)
+        tile_max = (scale * (rows @ k[b, c0:c1, h].double().T)).max(dim=1).values
+        if t == j:
+            return ((tile_max - running) * LOG2E).max().item() - threshold
+        running = torch.maximum(running, tile_max)
+    raise ValueError(f"tile {j} is not in the read list of ({b}, {h}, {i})")
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,15 +1,28 @@
-"""torch.compile through liteattn: one custom op, no graph breaks, thresholds that change between calls."""
+"""torch.compile through liteattn: one custom op, no graph breaks, and no recompiles when the threshold changes
+or the ping-pong lists swap."""
 
+import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import liteattn
-from liteattn.ops import tile_mask
+from liteattn.skip import tiles_covered, tiles_overlapping
 from liteattn.testing import structured_qkv
+
+from oracle import covered_tiles, overlapping_tiles
 
 MUST_DO = [(0, 40), (150, 161)]
 
 
-def test_compiled_layer_matches_eager_with_must_do_and_changing_threshold():
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_layer_matches_eager_and_new_thresholds_do_not_recompile():
     q, k, v = structured_qkv(1, 200, 2, 32)
     compiled_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch")
     eager_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch")
@@ -17,29 +30,40 @@ def test_compiled_layer_matches_eager_with_must_do_and_changing_threshold():
     def step(attn, q, k, v):
         return attn(q, k, v, must_do_list=MUST_DO) * 2
 
-    compiled = torch.compile(step, backend="inductor")
-    for threshold in (-6.0, -5.0, -3.0, 0.0):
+    compiled = torch.compile(step, backend="eager")
+    graphs = []
+    for threshold in (-6.0, -5.0, -3.0, -1.0, 0.0, -2.0):
         compiled_attn.set_threshold(threshold)
         eager_attn.set_threshold(threshold)
         out = compiled(compiled_attn, q, k, v)
         ref = step(eager_attn, q, k, v)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
         assert torch.equal(compiled_attn.skip_state.read.to_dense(), eager_attn.skip_state.read.to_dense())
+        graphs.append(counters["stats"]["unique_graphs"])
     assert eager_attn.sparsity > 0
-    torch._dynamo.reset()
+    # The first call builds the state eagerly (a graph on each side of it), the second compiles the steady state;
+    # six thresholds and five swaps later nothing more has compiled.
+    assert graphs[-1] == graphs[1] <= 3, graphs
 
 
-def test_no_graph_break_in_the_attention_call():
+def test_no_graph_break_in_a_steady_state_call():
     q, k, v = structured_qkv(1, 200, 2, 32)
     attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch")
+    attn(q, k, v, must_do_list=MUST_DO)  # builds the state (eagerly, outside any graph)
     explanation = torch._dynamo.explain(lambda q, k, v: attn(q, k, v, must_do_list=MUST_DO))(q, k, v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch._dynamo.reset()
+    assert explanation.graph_count == 1
 
 
-def test_compiled_must_do_mask_equals_the_cached_one():
-    ranges = ((0, 40), (150, 161))
-    built = torch.compile(lambda: tile_mask(ranges, 200, 32, torch.device("cpu")), fullgraph=True)()
-    assert torch.equal(built, tile_mask(ranges, 200, 32, torch.device("cpu")))
-    assert built.tolist() == [True, True, False, False, True, True, False]
-    torch._dynamo.reset()
+@pytest.mark.parametrize("ranges, length, tile", [
+    (((0, 40), (150, 161)), 200, 32),
+    (((0, 1),), 65, 16),
+    (((3, 20), (20, 64), (100, 130)), 130, 16),
+    (((0, 130),), 130, 64),
+])
+def test_compiled_tile_masks_equal_the_oracle(ranges, length, tile):
+    """Ranges -> tiles, built inside a compiled graph (no host tensors), against the oracle's tile loops."""
+    overlap = torch.compile(lambda: tiles_overlapping(ranges, length, tile, "cpu"), fullgraph=True)()
+    covered = torch.compile(lambda: tiles_covered(ranges, length, tile, "cpu"), fullgraph=True)()
+    assert torch.nonzero(overlap).flatten().tolist() == overlapping_tiles(ranges, length, tile)
+    assert torch.nonzero(covered).flatten().tolist() == covered_tiles(ranges, length, tile)

@@ -141,23 +141,42 @@ def test_scale_of_wrong_type(entry, scale):
     (math.nan, ValueError, r"threshold must be <= 0 .*got nan"),
     ("-3", TypeError, r"threshold must be a real number"),
     (None, TypeError, r"threshold must be a real number"),
-    (torch.tensor(-3.0), TypeError, r"threshold must be a real number"),
+    (torch.tensor([-3.0, -4.0]), (TypeError, ValueError), r"tensor threshold must"),
 ])
 def test_bad_threshold(threshold, exc, pattern):
     q, k, v = good()
     with pytest.raises(exc, match=pattern):
         call_op(q, k, v, threshold=threshold)
     with pytest.raises(exc, match=pattern):
+        LiteAttention().set_threshold(threshold)
+    with pytest.raises(exc, match=pattern):
         LiteAttention(threshold=threshold)
     with pytest.raises(exc, match=pattern):
         SeqParallelLiteAttention(2, threshold=threshold)
+
+
+def test_tensor_thresholds():
+    """LiteAttention takes what enable takes: numbers and one-element tensors, checked when set. The core takes a
+    0-d float32 tensor on the inputs' device as is (the kernels read it at run time)."""
+    attn = LiteAttention(threshold=torch.tensor(-4.0), backend="torch")
+    assert attn.threshold == -4.0
+    attn.set_threshold(torch.tensor([-6], dtype=torch.int64))
+    assert attn.threshold == -6.0
+    for bad in (torch.tensor(0.5), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match=r"threshold must be <= 0"):
+            attn.set_threshold(bad)
+    assert attn.threshold == -6.0  # a refused value changes nothing
+    q, k, v = good()
+    for bad in (torch.tensor(-3.0, dtype=torch.float64), torch.tensor([-3.0])):
+        with pytest.raises(ValueError, match=r"a tensor threshold must be 0-d float32 on cpu"):
+            call_op(q, k, v, threshold=bad)
 
 
 def test_bad_backend_and_tiles():
     q, k, v = good()
     with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\) or None.*got 'cuda'"):
         lite_attention(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match=r"backend must be 'triton', 'torch' or None"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\) or None.*got 'flash'"):
         LiteAttention(backend="flash")
     for bad in (0, 24, -16, 32.0, True):
         with pytest.raises(ValueError, match=r"tile_q must be a positive multiple of 16"):

@@ -25,8 +25,13 @@ def poison_write(attn: LiteAttention) -> None:
 
 
 def state_snapshot(attn: LiteAttention):
+    """What the next call will read (the list object and its tiles), and what the one after would."""
     s = attn.skip_state
-    return s._indices.clone(), s._counts.clone(), s._read_slot
+    return s.read, s.read.to_dense().clone(), s.write.to_dense().clone()
+
+
+def same_state(before, after) -> bool:
+    return before[0] is after[0] and torch.equal(before[1], after[1]) and torch.equal(before[2], after[2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,8 +117,7 @@ def test_disable_gives_dense_and_leaves_state_untouched():
     out, lse = attn(q, k, v, return_softmax_lse=True)
     check_call(q, k, v, None, out, lse, threshold=-math.inf, tile_q=32, tile_k=32)  # dense
     assert attn.sparsity == 0.0
-    after = state_snapshot(attn)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]) and before[2] == after[2]
+    assert same_state(before, state_snapshot(attn))
     # Back on: it resumes from the same read list.
     attn.enable_skip_optimization()
     read = attn.skip_state.read.to_dense().clone()
@@ -134,9 +138,9 @@ CHANGES = {
     "seq_q": (dict(seq_q=97), "seq_q"),
     "seq_k": (dict(seq_k=130), "seq_k"),
     "heads": (dict(heads=3), "heads"),
-    "head_dim": (dict(head_dim=32), "head_dim"),
-    "dtype": (dict(dtype=torch.float16), "dtype"),
 }
+# The lists depend on neither: a dtype change mid-run (or another head dim) keeps the state.
+KEPT = {"head_dim": dict(head_dim=32), "dtype": dict(dtype=torch.float16)}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -168,6 +172,29 @@ def test_reinit_on_change_logs_one_line(change, caplog):
     assert len([r for r in caplog.records if r.name == "liteattn"]) == 1
 
 
+@pytest.mark.parametrize("change", list(KEPT))
+def test_dtype_or_head_dim_change_keeps_the_state(change, caplog):
+    """Risk (f) of the architecture issue: a dtype change mid-run used to restart the skip state."""
+    base = dict(batch=1, seq_q=200, seq_k=200, heads=2, head_dim=16, dtype=torch.float32)
+    attn = LiteAttention(threshold=-3.0, tile_q=32, tile_k=32, backend="torch")
+    caplog.set_level(logging.INFO, logger="liteattn")
+
+    def inputs(**kw):
+        p = dict(base, **kw)
+        return structured_qkv(p["batch"], p["seq_q"], p["heads"], p["head_dim"], seq_k=p["seq_k"], dtype=p["dtype"],
+                              seed=2, sharpness=(1.0, 3.0))
+
+    for _ in range(2):
+        attn(*inputs())
+    state, read = attn.skip_state, attn.skip_state.read.to_dense().clone()
+    assert not read.all()
+    q, k, v = inputs(**KEPT[change])
+    out = attn(q, k, v)
+    assert attn.skip_state is state and not [r for r in caplog.records if r.name == "liteattn"]
+    assert attn.sparsity == pytest.approx(1 - read.float().mean().item())  # it read the list the last call wrote
+    check_call(q, k, v, read, out, None, attn.skip_state.read.to_dense(), threshold=-3.0, tile_q=32, tile_k=32)
+
+
 def test_reinit_on_device_change(caplog):
     # The 'meta' device stands in for a second device: shapes flow, no data.
     attn = LiteAttention(threshold=-3.0, tile_q=32, tile_k=32, backend="torch")
@@ -177,7 +204,7 @@ def test_reinit_on_device_change(caplog):
     out = attn(q.to("meta"), k.to("meta"), v.to("meta"))
     assert out.device.type == "meta" and attn.skip_state.device.type == "meta"
     records = [r.getMessage() for r in caplog.records if r.name == "liteattn"]
-    assert len(records) == 1 and "device cpu -> meta" in records[0]
+    assert len(records) == 1 and "device cpu -> meta" in records[0], records
     attn(q, k, v)
     assert attn.skip_state.device.type == "cpu" and attn.sparsity == 0.0
 
@@ -267,8 +294,7 @@ def test_failed_call_leaves_state_untouched():
         attn(q, k, v, must_do_list=[(0, 500)])
     with pytest.raises(ValueError, match="scale"):
         attn(q, k, v, scale=-1.0)
-    after = state_snapshot(attn)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]) and before[2] == after[2]
+    assert same_state(before, state_snapshot(attn))
 
 
 # -- sequence parallel ------------------------------------------------------------------------------

@@ -1,10 +1,17 @@
-"""Backend selection, in one place.
+"""Backends, and the choice between them, in one place.
 
-``torch``  : the vectorised PyTorch reference (any device).
-``triton`` : the fused Triton kernel (CUDA; or the CPU under ``TRITON_INTERPRET=1``).
+``torch``  : the vectorised PyTorch reference (any device, any float dtype, any tile multiple of 16).
+``triton`` : the fused Triton kernel (CUDA; or the CPU under ``TRITON_INTERPRET=1``): fp16/bf16, head dims
+             16/32/64/128, tiles of 64 or 128.
 
-``backend=None`` picks Triton on CUDA when it is importable, else PyTorch; a fallback on a
-CUDA device is logged once.
+:func:`choose` turns a request (``"torch"``, ``"triton"`` or ``None`` = automatic) into the backend that runs:
+
+- an explicit request that cannot run raises ValueError naming why;
+- automatic on CUDA runs Triton; when the kernel cannot take the inputs (Triton missing, a dtype or head dim it
+  does not support) it falls back to the PyTorch reference, with a WARNING that says why, logged once per cause.
+  Tile sizes are the caller's choice, so a tile the kernel cannot run is refused (ValueError), never quietly
+  computed by the O(S^2)-memory reference;
+- automatic elsewhere runs the PyTorch reference (no GPU or no Triton is not an error there).
 """
 
 from __future__ import annotations
@@ -18,60 +25,91 @@ import torch
 
 logger = logging.getLogger("liteattn")
 
+__all__ = ["BACKENDS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_TILES", "choose", "check_backend", "triton_available",
+           "triton_import_error", "kernel_tile_error", "interpreter_on"]
+
 BACKENDS = ("torch", "triton")
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_TILES = (64, 128)
 
 
-def unsupported_reason(q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int) -> Optional[str]:
-    """Why the kernel cannot take these inputs, or None when it can."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the Triton kernel takes float16 or bfloat16, got {q.dtype}"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"the Triton kernel supports head dims {SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
-    if tile_q not in SUPPORTED_TILES or tile_k not in SUPPORTED_TILES:
-        return f"the Triton kernel supports tile sizes {SUPPORTED_TILES}, got tile_q={tile_q}, tile_k={tile_k}"
-    return None
+def check_backend(name) -> Optional[str]:
+    """``name`` if it is a backend name or None (automatic), else ValueError."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None (automatic), got {name!r}")
+    return name
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when the Triton kernel module imports (Triton installed, kernel present)."""
+def triton_import_error() -> Optional[str]:
+    """Why the Triton kernel module does not import (``"ModuleNotFoundError: ..."``), or None when it does."""
     try:
         from . import triton_kernel  # noqa: F401
     except Exception as exc:  # ImportError, or a Triton too old for the kernel
-        logger.debug("liteattn: Triton backend unavailable: %s", exc)
-        return False
-    return True
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when the Triton kernel module imports (Triton installed, kernel present)."""
+    return triton_import_error() is None
 
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def kernel_tile_error(tile_q: int, tile_k: int) -> Optional[str]:
+    """Why the kernel cannot run these tile sizes, or None."""
+    if tile_q not in SUPPORTED_TILES or tile_k not in SUPPORTED_TILES:
+        return f"the Triton kernel takes tiles of {SUPPORTED_TILES} tokens, got tile_q={tile_q}, tile_k={tile_k}"
+    return None
+
+
+def _input_error(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Triton kernel takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton kernel takes head dims {SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(device_type: str, reason: str) -> None:
-    logger.warning("liteattn: using the PyTorch backend on %s: %s", device_type, reason)
+def _warn_fallback_once(reason: str) -> None:
+    logger.warning("liteattn: running the PyTorch reference backend on CUDA (O(S^2) memory, much slower than the "
+                   "kernel) because %s", reason)
 
 
-def resolve_backend(name, device: torch.device) -> str:
-    """Return the backend name that will run on ``device``; raise ValueError for an impossible request."""
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None (automatic), got {name!r}")
-    if name == "torch":
+def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int) -> str:
+    """The backend that runs these inputs: ``"torch"`` or ``"triton"`` (see the module docstring)."""
+    check_backend(requested)
+    if requested == "torch":
         return "torch"
+    device = q.device
     runnable = device.type == "cuda" or (device.type == "cpu" and interpreter_on())
-    if name == "triton":
+    if requested == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' was requested but the Triton kernel is not available "
-                             "(is the 'triton' package installed?); use backend='torch' or None")
+            raise ValueError(f"backend='triton' was requested but the Triton kernel does not import "
+                             f"({triton_import_error()}); use backend='torch' or None")
         if not runnable:
             raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), "
                              f"got tensors on {device}")
+        reason = kernel_tile_error(tile_q, tile_k) or _input_error(q, v)
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}; use backend='torch' or None")
         return "triton"
-    if device.type == "cuda":
-        if triton_available():
-            return "triton"
-        _log_fallback_once("cuda", "the Triton kernel is not available")
-    return "torch"
+    if device.type != "cuda":
+        return "torch"
+    reason = kernel_tile_error(tile_q, tile_k)
+    if reason is not None:
+        raise ValueError(f"{reason} on CUDA; choose tiles of 64 or 128, or pass backend='torch' to run the "
+                         f"PyTorch reference (slow, O(S^2) memory) with these tiles")
+    if not triton_available():
+        _warn_fallback_once(f"the Triton kernel does not import ({triton_import_error()})")
+        return "torch"
+    reason = _input_error(q, v)
+    if reason is not None:
+        _warn_fallback_once(reason)
+        return "torch"
+    return "triton"

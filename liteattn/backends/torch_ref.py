@@ -23,13 +23,18 @@ _MAX_BLOCK_ELEMENTS = 1 << 25
 _MAX_BLOCK_ELEMENTS_CPU = 1 << 20
 
 
-def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The reference decision, per row: does tile j raise the running max by more than ``threshold`` (log2)?
+def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The ``"max"`` criterion, per row: does tile j raise the running max by more than ``threshold`` (log2)?
 
     ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile,
-    which makes the first processed tile always kept.
+    which makes the first processed tile always kept. ``threshold`` is a 0-d tensor. (The Triton kernel's twin
+    is ``triton_kernel._keep``.)
     """
     return (tile_max - prev_max) * LOG2E > threshold
+
+
+# criterion name (liteattn.criteria.CRITERIA) -> its decision, per row.
+KEEP_RULES = {"max": keep_max_rule}
 
 
 def attention_forward(
@@ -38,7 +43,8 @@ def attention_forward(
     v: torch.Tensor,  # (B, Sk, H, Dv)
     read_dense: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) or None = every tile
     keep_out: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) to fill with keep(j), or None
-    threshold: float,
+    threshold: Optional[torch.Tensor],  # 0-d float32, log2 units (None when keep_out is None)
+    criterion: str,  # a key of KEEP_RULES
     scale: float,
     tile_q: int,
     tile_k: int,
@@ -55,6 +61,7 @@ def attention_forward(
     Mq, Nk = -(-Sq // tile_q), -(-Sk // tile_k)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     device = q.device
+    keep_rule = KEEP_RULES[criterion]
 
     out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device) if return_lse else None
@@ -93,7 +100,7 @@ def attention_forward(
                     tile_max = tiles.amax(-1)  # (h, rows, Nk)
                     seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
                     prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
-                    keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
+                    keep_rows = keep_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
                     rows_pad = (t1 - t0) * tile_q - (r1 - r0)
                     keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)
                     keep = keep_rows.unflatten(1, (t1 - t0, tile_q)).any(dim=2)  # (h, mq, Nk)

@@ -2,9 +2,9 @@
 
 One program per (q-tile, batch*head). It walks the k-tiles of its read list in ascending
 order (jumping straight from one listed tile to the next), computes exact online-softmax
-attention over them, and records in the write list the tiles that raised some row's running
-max by more than ``threshold`` (log2 units) — DESIGN.md section 1. Scores are kept in log2
-units (``qk_scale = scale * log2(e)``), so the decision needs no conversion.
+attention over them, and records in the write list the tiles that the keep rule keeps
+(docs/DESIGN.md section 1). Scores are kept in log2 units (``qk_scale = scale * log2(e)``), so
+the decision needs no conversion; the threshold is read from a tensor at run time.
 
 Only ``@triton.jit`` code and its autotune configs live here; liteattn/backends/triton_launch.py
 owns allocation, descriptors and the grid.
@@ -76,10 +76,13 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
 
 
 @triton.jit
-def _keep_max_rule(tile_max, m_prev, threshold):
-    """The decision of DESIGN section 1, per row (log2 units): does this tile raise the running max by more than
-    ``threshold``? ``m_prev`` is -inf before the first tile, so the first processed tile is always kept. (The
-    PyTorch backend's twin is ``torch_ref.keep_max_rule``; a planned mass rule goes beside these two.)"""
+def _keep(tile_max, m_prev, threshold, CRITERION: tl.constexpr):
+    """The keep rule (docs/DESIGN.md section 1), per row, selected by ``CRITERION`` (liteattn.criteria.CRITERIA).
+
+    0, ``"max"``: does this tile raise the running max by more than ``threshold`` (log2 units)? ``m_prev`` is
+    -inf before the first tile, so the first processed tile is always kept. (The PyTorch backend's twins are
+    ``torch_ref.KEEP_RULES``.)"""
+    tl.static_assert(CRITERION == 0, "unknown criterion")
     return (tile_max - m_prev) > threshold
 
 
@@ -87,16 +90,16 @@ def _keep_max_rule(tile_max, m_prev, threshold):
 def _step(acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
           write_row_ptr, must_do_k_ptr, keep_all, row_valid,
           TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
-          WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+          WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr, CRITERION: tl.constexpr):
     """Process k-tile ``j`` and flag it in the write row if it is kept."""
     m_prev = m_i
     acc, l_i, m_i, tile_max = _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K,
                                              seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_LIST,
                                              UPCAST_DOT)
     if WRITE_LIST:
-        # DESIGN section 1: keep iff some valid row's max rises by more than threshold (log2); +inf on the first
-        # tile. Each such row sets the tile's flag in the write row: no cross-warp reduction, no barrier per tile.
-        keep_row = _keep_max_rule(tile_max, m_prev, threshold) & row_valid
+        # Keep iff the rule holds for some valid row. Each such row sets the tile's flag in the write row: no
+        # cross-warp reduction, no barrier per tile (every writer stores the same 1).
+        keep_row = _keep(tile_max, m_prev, threshold, CRITERION) & row_valid
         tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
         must = keep_all
         if HAS_MUST_DO_K:
@@ -134,11 +137,12 @@ def _lite_attn_fwd(
     must_do_k_ptr, must_do_q_ptr,
     stride_ob, stride_os, stride_oh,
     seq_q, seq_k, num_heads, num_q_tiles, num_k_tiles,
-    qk_scale, threshold,
+    qk_scale, threshold_ptr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
     BLOCK_N: tl.constexpr, NK_POW2: tl.constexpr,
     READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
     RETURN_LSE: tl.constexpr, MASK_TAIL: tl.constexpr, USE_WHILE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CRITERION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
     pid_bh = tl.program_id(1)
@@ -153,9 +157,13 @@ def _lite_attn_fwd(
     list_off = cnt_off * num_k_tiles
     read_row_ptr = read_idx_ptr + list_off
     write_row_ptr = write_idx_ptr + list_off
+    threshold = 0.0
     if WRITE_LIST:  # flags, turned into the compact list by compact_flags after this kernel
         tiles = tl.arange(0, NK_POW2)
         tl.store(write_row_ptr + tiles, 0, mask=tiles < num_k_tiles)
+        # The zeros above and the flags set below may come from different threads: order them.
+        tl.debug_barrier()
+        threshold = tl.load(threshold_ptr)  # a tensor read at run time: a new value never recompiles
 
     q = q_desc.load([q_row, h * HEAD_DIM])
     if UPCAST_DOT:  # the interpreter's bf16 dot is wrong (triton 3.6); do it in fp32 there
@@ -192,7 +200,7 @@ def _lite_attn_fwd(
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
             idx += 1
     elif READ_LIST:
         # The next tile index is loaded one iteration ahead, so no K/V load waits on it.
@@ -203,19 +211,19 @@ def _lite_attn_fwd(
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
     else:
         for j in tl.range(0, n_main):
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
                 write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
     if MASK_TAIL:
         if n_main < count:
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, num_k_tiles - 1, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale,
                 threshold, write_row_ptr, must_do_k_ptr, keep_all, row_valid,
-                TILE_Q, TILE_K, BLOCK_N, True, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT)
+                TILE_Q, TILE_K, BLOCK_N, True, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
 
     # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -26,13 +26,20 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q,
-                     threshold: float, scale: float, tile_q: int, tile_k: int, return_lse: bool):
-    """Launch the kernel. Lists are contiguous int32; must-do masks bool per tile; returns (out, lse)."""
+                     threshold, criterion: int, scale: float, tile_q: int, tile_k: int, return_lse: bool,
+                     out=None, lse=None):
+    """Launch the kernel. Lists are contiguous int32; must-do masks bool per tile; ``threshold`` a 0-d float32
+    tensor (or None without a write list); ``criterion`` the kernel's id of the keep rule. Returns (out, lse).
+
+    ``out`` (B, Sq, H, Dv) and ``lse`` (B, H, Sq) may be given, contiguous, to be written in place (the tests
+    poison them to see that every element is written)."""
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
     mq, nk = -(-Sq // tile_q), -(-Sk // tile_k)
-    out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    if out is None:
+        out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=q.device)
+    if lse is None and return_lse:
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     int_ph = _placeholder(q.device, torch.int32)
     q2, k2, v2 = _rows_view(q), _rows_view(k), _rows_view(v)
     # Block shapes are set per autotune config by the kernel's pre-hook.
@@ -54,7 +61,8 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
             must_do_q.view(torch.uint8) if must_do_q is not None else _placeholder(q.device, torch.uint8),
             out.stride(0), out.stride(1), out.stride(2),
             Sq, Sk, H, mq, nk,
-            scale * 1.4426950408889634, threshold,
+            scale * 1.4426950408889634,
+            threshold if threshold is not None else _placeholder(q.device, torch.float32),
             HEAD_DIM=D, HEAD_DIM_V=Dv, TILE_Q=tile_q, TILE_K=tile_k,
             NK_POW2=triton.next_power_of_2(nk),
             READ_LIST=read_indices is not None, WRITE_LIST=write_indices is not None,
@@ -62,6 +70,7 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
             RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
             USE_WHILE=q.device.type == "cpu",
             UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+            CRITERION=criterion,
         )
         if write_indices is not None:
             compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk),

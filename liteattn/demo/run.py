@@ -192,7 +192,7 @@ def _checked_arguments(args):
     def fail(message: str):
         raise SystemExit(f"liteattn demo: {message}")
 
-    from ..ops import check_threshold
+    from ..criteria import check_threshold
     from ..skip import check_tile
 
     try:

@@ -1,0 +1,82 @@
+"""The keep rule (``criterion``) and its ``threshold``, as data the backends read.
+
+A call with a write list decides, for every k-tile it computes, whether the next call computes it again
+(docs/DESIGN.md section 1). *How* it decides is the criterion; each backend implements each criterion in one
+small function (``torch_ref.KEEP_RULES`` and the Triton kernel's ``_keep``), selected by name here:
+
+- ``"max"`` (the reference implementation's rule, the default): keep tile j iff it raises some query row's
+  running score maximum by more than ``threshold`` (log2 units).
+
+The threshold reaches the kernels as a 0-d float32 tensor on the inputs' device, loaded at run time, so a new value
+never recompiles anything (``torch.compile`` sees a tensor, not a constant). Values are checked once, on the
+host, when they are set.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Dict
+
+import torch
+
+__all__ = ["CRITERIA", "DEFAULT_CRITERION", "check_criterion", "criterion_id", "check_threshold",
+           "threshold_tensor"]
+
+# name -> the integer the Triton kernel takes as its CRITERION constexpr.
+CRITERIA: Dict[str, int] = {"max": 0}
+DEFAULT_CRITERION = "max"
+
+
+def check_criterion(criterion) -> str:
+    """``criterion`` if it names a keep rule, else ValueError listing the accepted names."""
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
+    return criterion
+
+
+def criterion_id(criterion: str) -> int:
+    """The kernel's constexpr for ``criterion``."""
+    return CRITERIA[criterion]
+
+
+def check_threshold(threshold) -> float:
+    """The skip threshold in log2 units as a float: a real number <= 0, or -inf (keep every tile).
+
+    Accepts Python numbers and one-element tensors (read on the host: call it when the value is set, not per call).
+    """
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1 or not (threshold.is_floating_point() or threshold.dtype == torch.int64):
+            raise TypeError(f"a tensor threshold must hold one real number, got {threshold.dtype} "
+                            f"of shape {tuple(threshold.shape)}")
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a real number <= 0 (log2 units) or -inf, got {threshold!r}")
+    threshold = float(threshold)
+    if math.isnan(threshold) or threshold > 0:
+        raise ValueError(f"threshold must be <= 0 (log2 units, typical -3 ... -12) or -inf, got {threshold}")
+    return threshold
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_threshold(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def threshold_tensor(threshold, device) -> torch.Tensor:
+    """The 0-d float32 tensor on ``device`` that the kernels read.
+
+    A float is checked and turned into a cached constant tensor (one per value and device: never written to). A
+    tensor must already be 0-d float32 on ``device``; it is used as is, unchecked (whoever fills it checks its
+    values, as :class:`liteattn.LiteAttention` does).
+    """
+    device = torch.device(device)
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() != 0 or threshold.dtype != torch.float32 or threshold.device != device:
+            raise ValueError(f"a tensor threshold must be 0-d float32 on {device}, got {threshold.dtype} of shape "
+                             f"{tuple(threshold.shape)} on {threshold.device}")
+        return threshold
+    if torch.compiler.is_compiling():  # a constant in the graph; the host check ran when it was set
+        return torch.tensor(float(threshold), dtype=torch.float32, device=device)
+    return _constant_threshold(check_threshold(threshold), device)
