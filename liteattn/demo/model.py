@@ -8,6 +8,22 @@
 The transformer works directly on RGB videos in [-1, 1]: patch size (1, 4, 4) turns 16 frames of 64x64 into
 16 x 16 x 16 = 4096 tokens of 4 heads x 64 channels. Its "text encoder" is an ``nn.Embedding`` over the fixed
 prompt vocabulary of :mod:`liteattn.demo.data`, trained with it and shipped in the same file.
+
+The large model (``load_large()``, ``weights/wan_large.safetensors``) is the same transformer class and size on
+16 frames of 128x128 textured videos (:mod:`liteattn.demo.textured`): 16384 tokens. Its prompt encoder gives each
+token its position: token embedding + learned position embedding, then two small pre-norm transformer layers over
+the 16 prompt tokens, so "red circle ..., blue square ..." and "red square ..., blue circle ..." differ::
+
+    from liteattn.demo.model import load_large
+    from liteattn.demo.sample import sample
+    from liteattn.demo import data
+    model = load_large(device="cuda", dtype=torch.bfloat16)
+    videos = sample(model, data.tokenize(["red circle moving right, blue square moving down"]), steps=30)
+    # (1, 3, 16, 128, 128) in [-1, 1]
+
+A weights file's safetensors metadata holds ``config`` (the transformer's), and for the large model ``text`` (the
+prompt encoder's layers and heads) and ``video`` (frames, size and the data set); files without them are the
+small model's.
 """
 
 from __future__ import annotations
@@ -21,7 +37,9 @@ from torch import nn
 
 from . import data
 
-__all__ = ["CONFIG", "TEXT_DIM", "WEIGHTS", "TinyWan", "build_model", "load_model", "save_weights"]
+__all__ = ["CONFIG", "CONFIG_LARGE", "TEXT_DIM", "TEXT_LARGE", "VIDEO_SMALL", "VIDEO_LARGE", "WEIGHTS",
+           "WEIGHTS_LARGE", "TinyWan", "PromptBlock", "build_model", "build_large", "load_model", "load_large",
+           "save_weights"]
 
 TEXT_DIM = 64
 # diffusers WanTransformer3DModel config. 6 layers of width 256 give 7.0M parameters; attention is about 70% of the
@@ -43,31 +61,102 @@ CONFIG = dict(
 )
 WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights" / "tiny_wan.safetensors"
 
+# The large model: the same transformer (so the small model's weights initialise it), on 16 x 128 x 128 textured
+# videos (16 x 32 x 32 = 16384 tokens), with a positional prompt encoder.
+CONFIG_LARGE = dict(CONFIG)
+TEXT_LARGE = dict(layers=2, heads=4)
+VIDEO_SMALL = dict(frames=16, size=64, data="shapes")
+VIDEO_LARGE = dict(frames=16, size=128, data="textured")
+WEIGHTS_LARGE = WEIGHTS.parent / "wan_large.safetensors"
+
+
+class PromptBlock(nn.Module):
+    """A pre-norm transformer layer over the prompt tokens (self-attention, then a 4x MLP).
+
+    Its two output projections start at zero, so a new encoder is the identity on token + position embeddings.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        for layer in (self.proj, self.mlp[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # every token sees every token
+        x = x + self.proj(mixed.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
 
 class TinyWan(nn.Module):
-    """``transformer`` (diffusers ``WanTransformer3DModel``) and ``token_embedding`` (vocabulary -> TEXT_DIM)."""
+    """``transformer`` (diffusers ``WanTransformer3DModel``) and the prompt encoder.
 
-    def __init__(self, config: Optional[dict] = None):
+    The small model's encoder is ``token_embedding`` alone (a bag of words). With ``text`` (``dict(layers, heads)``)
+    it also has ``text_position`` (a learned embedding per prompt position) and ``text_blocks``
+    (:class:`PromptBlock`). ``video`` (``dict(frames, size, data)``) says what the model draws: ``data`` is
+    ``"shapes"`` (:mod:`liteattn.demo.data`) or ``"textured"`` (:mod:`liteattn.demo.textured`).
+    """
+
+    def __init__(self, config: Optional[dict] = None, text: Optional[dict] = None, video: Optional[dict] = None):
         super().__init__()
         from diffusers import WanTransformer3DModel
 
         self.config = dict(CONFIG if config is None else config)
+        self.text = dict(text) if text else None
+        self.video = dict(VIDEO_SMALL if video is None else video)
         self.transformer = WanTransformer3DModel(**self.config)
-        self.token_embedding = nn.Embedding(len(data.VOCAB), self.config["text_dim"])
+        dim = self.config["text_dim"]
+        self.token_embedding = nn.Embedding(len(data.VOCAB), dim)
         nn.init.normal_(self.token_embedding.weight, std=1.0)
+        if self.text:
+            # Small, so that a new encoder starts near the bag of words it may be initialised from.
+            self.text_position = nn.Parameter(0.1 * torch.randn(data.MAX_TOKENS, dim))
+            self.text_blocks = nn.ModuleList(PromptBlock(dim, self.text["heads"]) for _ in range(self.text["layers"]))
+
+    @property
+    def video_shape(self) -> tuple:
+        """``(frames, size)`` of the videos the model draws."""
+        return int(self.video["frames"]), int(self.video["size"])
+
+    @property
+    def dataset(self):
+        """The procedural data module the model was trained on (``sample_scenes``, ``render``)."""
+        if self.video.get("data", "shapes") == "textured":
+            from . import textured
+
+            return textured
+        return data
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens (B, L)`` int64 -> ``(B, L, text_dim)`` prompt embeddings (the transformer's text input)."""
-        return self.token_embedding(tokens.to(self.token_embedding.weight.device))
+        x = self.token_embedding(tokens.to(self.token_embedding.weight.device))
+        if self.text:
+            x = x + self.text_position[: x.shape[1]].to(x.dtype)
+            for block in self.text_blocks:
+                x = block(x)
+        return x
 
     def forward(self, video: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The flow-matching velocity ``noise - x0`` for ``video (B, 3, T, H, W)`` at ``timestep (B,)`` in [0, 1000]."""
         return self.transformer(video, timestep, self.embed(tokens), return_dict=False)[0]
 
 
-def build_model(config: Optional[dict] = None) -> TinyWan:
-    """A randomly initialised :class:`TinyWan` (float32)."""
-    return TinyWan(config)
+def build_model(config: Optional[dict] = None, text: Optional[dict] = None, video: Optional[dict] = None) -> TinyWan:
+    """A randomly initialised :class:`TinyWan` (float32); no arguments: the small model."""
+    return TinyWan(config, text, video)
+
+
+def build_large() -> TinyWan:
+    """A randomly initialised large model (float32): CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE."""
+    return TinyWan(CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE)
 
 
 def save_weights(model: TinyWan, path: Union[str, pathlib.Path], dtype: Optional[torch.dtype] = None,
@@ -78,6 +167,8 @@ def save_weights(model: TinyWan, path: Union[str, pathlib.Path], dtype: Optional
     state = {name: tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
              for name, tensor in model.state_dict().items()}
     info = {"config": json.dumps(model.config)}
+    if model.text or model.video != VIDEO_SMALL:
+        info.update(text=json.dumps(model.text), video=json.dumps(model.video))
     info.update({k: str(v) for k, v in (metadata or {}).items()})
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=info)
@@ -96,9 +187,10 @@ def load_model(path: Union[str, pathlib.Path, None] = None, device="cpu", dtype:
         raise FileNotFoundError(f"no demo model weights at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            config = json.loads((f.metadata() or {})["config"])
+            metadata = f.metadata() or {}
+        config = json.loads(metadata["config"])
         config["patch_size"] = tuple(config["patch_size"])
-        model = TinyWan(config)
+        model = TinyWan(config, json.loads(metadata.get("text", "null")), json.loads(metadata.get("video", "null")))
         model.load_state_dict(load_file(str(path)))
     except Exception as exc:  # not safetensors, no config, or other weights: one clear message, whatever the cause
         raise ValueError(f"{path} is not a demo model weights file (a safetensors file written by "
@@ -110,3 +202,8 @@ def load_model(path: Union[str, pathlib.Path, None] = None, device="cpu", dtype:
     for name, buffer in rope.items():
         setattr(model.transformer.rope, name, buffer.to(device))
     return model.eval().requires_grad_(False)
+
+
+def load_large(device="cpu", dtype: torch.dtype = torch.float32, path: Union[str, pathlib.Path, None] = None) -> TinyWan:
+    """The large model with its shipped weights (``WEIGHTS_LARGE``, or those at ``path``): :func:`load_model`."""
+    return load_model(WEIGHTS_LARGE if path is None else path, device=device, dtype=dtype)

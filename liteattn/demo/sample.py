@@ -26,20 +26,24 @@ DEFAULT_PROMPTS = (
 )
 
 
-def initial_noise(num: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
-    """``(num, 3, FRAMES, SIZE, SIZE)`` Gaussian noise; video ``i`` depends only on ``seed + i`` (not on ``num``)."""
-    videos = [torch.randn(3, data.FRAMES, data.SIZE, data.SIZE, generator=torch.Generator().manual_seed(seed + i))
+def initial_noise(num: int, seed: int, device, dtype=torch.float32, *, frames: int = data.FRAMES,
+                  size: int = data.SIZE) -> torch.Tensor:
+    """``(num, 3, frames, size, size)`` Gaussian noise; video ``i`` depends only on ``seed + i`` (not on ``num``)."""
+    videos = [torch.randn(3, frames, size, size, generator=torch.Generator().manual_seed(seed + i))
               for i in range(num)]
     return torch.stack(videos).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def sample(model, tokens: torch.Tensor, *, steps: int = 30, guidance: float = GUIDANCE, seed: int = 0,
-           shift: float = SHIFT, on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Videos for ``tokens (B, MAX_TOKENS)``: ``(B, 3, FRAMES, SIZE, SIZE)`` float32 in [-1, 1], on the model's device.
+           shift: float = SHIFT, on_step: Optional[Callable[[int], None]] = None, frames: Optional[int] = None,
+           size: Optional[int] = None) -> torch.Tensor:
+    """Videos for ``tokens (B, MAX_TOKENS)``: ``(B, 3, frames, size, size)`` float32 in [-1, 1], on the model's device.
 
-    ``model`` is a :class:`liteattn.demo.model.TinyWan`; its dtype and device are used. ``guidance`` 1.0 makes
-    one transformer call per step (no unconditional branch). ``on_step(i)`` is called after each step.
+    ``model`` is a :class:`liteattn.demo.model.TinyWan`; its dtype and device are used, and its ``video_shape``
+    (the small model's: 16 frames of 64x64, the large one's: 16 of 128x128) unless ``frames`` / ``size`` say
+    otherwise. ``guidance`` 1.0 makes one transformer call per step (no unconditional branch). ``on_step(i)`` is
+    called after each step.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -48,7 +52,8 @@ def sample(model, tokens: torch.Tensor, *, steps: int = 30, guidance: float = GU
     batch = tokens.shape[0]
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device=device)
-    latents = initial_noise(batch, seed, device)  # float32; the scheduler steps in float32
+    model_frames, model_size = getattr(model, "video_shape", (data.FRAMES, data.SIZE))
+    latents = initial_noise(batch, seed, device, frames=frames or model_frames, size=size or model_size)  # float32
     text = model.embed(tokens)
     empty = model.embed(torch.zeros_like(tokens)) if guidance != 1.0 else None
     for i, t in enumerate(scheduler.timesteps):
@@ -121,7 +126,8 @@ def write_sample_gif(model, path, prompts: Sequence[str] = DEFAULT_PROMPTS, step
     device = torch.device(device) if device is not None else model.token_embedding.weight.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         videos = sample(model, tokens, steps=steps, seed=seed)
-    real = data.render(data.sample_scenes(len(prompts), seed=12345).to(videos.device))
+    dataset = getattr(model, "dataset", data)  # the large model draws textured scenes
+    real = dataset.render(dataset.sample_scenes(len(prompts), seed=12345).to(videos.device))
     frames = torch.cat([torch.cat(list(to_uint8(v)), dim=2) for v in (videos, real)], dim=1)  # (T, 2H, B*W, 3)
     frames = frames.numpy()
     imageio.mimsave(str(path), list(frames), duration=0.1, loop=0)

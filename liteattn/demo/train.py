@@ -3,6 +3,7 @@
     python -m liteattn.demo.train --out ckpt --time-limit 480                 # a fresh run
     python -m liteattn.demo.train --resume ckpt --out ckpt2 --time-limit 480  # continue it
     python -m liteattn.demo.train --export ckpt2 --weights liteattn/demo/weights/tiny_wan.safetensors
+    python -m liteattn.demo.train --model large --out .ckpt/large --time-limit 330   # the large model (GPU)
 
 Flow matching as diffusers' ``FlowMatchEulerDiscreteScheduler`` samples it: ``x_t = (1 - s) x0 + s noise`` at
 ``timestep = 1000 s``, and the model predicts ``noise - x0``. Training sigmas are logit-normal, warped by the same
@@ -12,6 +13,14 @@ A checkpoint is a folder of safetensors files no larger than 15 MiB each (what a
 ``model_*.safetensors`` (float32 weights), ``ema.safetensors`` (float16 EMA weights, also what is shipped),
 ``adam_sq.safetensors`` (bfloat16 second moments; the first moments restart at zero on resume, which acts as a
 short warm-up), and ``state.json`` (step, seconds trained, loss log, arguments).
+
+``--model large`` trains the large model (:func:`liteattn.demo.model.build_large`: 16 x 128 x 128 textured videos,
+16384 tokens, a positional prompt encoder). A fresh large run starts from the shipped small model's weights
+(``--init-from``; every transformer tensor has the same shape, and the token embedding too) with the new prompt
+encoder layers at identity. Its checkpoint is compact, so that it travels to and from the device (64 MiB each way,
+with the working tree): instead of float32 weights, ``delta_*.safetensors`` holds float16 ``weights - ema``
+(exact to ~1e-3 of that difference), and ``adam_sq8_*.safetensors`` the square root of Adam's second moments in
+float8 (e5m2, ~6% steps, with a float32 scale per tensor); 5 bytes a parameter in all, against 8.
 """
 
 from __future__ import annotations
@@ -22,12 +31,12 @@ import math
 import os
 import pathlib
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from . import data
-from .model import CONFIG, TinyWan, build_model, save_weights
+from .model import CONFIG, CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE, WEIGHTS, TinyWan, build_model, save_weights
 from .sample import SHIFT
 
 _FILE_BYTES = 15 << 20
@@ -62,19 +71,33 @@ def _load_split(folder: pathlib.Path, stem: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(folder, model: TinyWan, ema: Dict[str, torch.Tensor], optimizer, state: dict) -> None:
+def save_checkpoint(folder, model: TinyWan, ema: Dict[str, torch.Tensor], optimizer, state: dict,
+                    compact: bool = False) -> None:
+    """Write the checkpoint folder; ``compact`` stores weights as a float16 delta from the float16 EMA and Adam's
+    second moments as float8 square roots (5 bytes a parameter instead of 8)."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.safetensors"):
         old.unlink()
-    _save_split({k: v.float() for k, v in model.state_dict().items()}, folder, "model")
-    _save_split({k: v.half() for k, v in ema.items()}, folder, "ema")
+    ema16 = {k: v.half() for k, v in ema.items()}
+    if compact:
+        _save_split({k: (v.float() - ema16[k].float()).half() for k, v in model.state_dict().items()}, folder, "delta")
+    else:
+        _save_split({k: v.float() for k, v in model.state_dict().items()}, folder, "model")
+    _save_split(ema16, folder, "ema")
     names = {id(p): n for n, p in model.named_parameters()}
-    squares = {names[id(p)]: s["exp_avg_sq"].to(torch.bfloat16)
-               for group in optimizer.param_groups for p in group["params"]
+    squares = {names[id(p)]: s["exp_avg_sq"] for group in optimizer.param_groups for p in group["params"]
                if (s := optimizer.state.get(p)) and "exp_avg_sq" in s}
-    if squares:
-        _save_split(squares, folder, "adam_sq")
+    if squares and compact:  # float8 e5m2 spans 2^-16 .. 57344: scaled per tensor so that its largest is 2^15
+        packed = {}
+        for k, v in squares.items():
+            root = v.float().sqrt()
+            scale = root.amax().clamp_min(1e-30) / 2.0 ** 15
+            packed[k] = (root / scale).clamp(2.0 ** -16, 2.0 ** 15).to(torch.float8_e5m2)
+            packed[k + ".scale"] = scale.reshape(1)
+        _save_split(packed, folder, "adam_sq8")
+    elif squares:
+        _save_split({k: v.to(torch.bfloat16) for k, v in squares.items()}, folder, "adam_sq")
     (folder / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -82,9 +105,16 @@ def load_checkpoint(folder, model: TinyWan, optimizer, device) -> tuple:
     """Restore weights and Adam's second moments; returns ``(ema, state)``."""
     folder = pathlib.Path(folder)
     state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(_load_split(folder, "model"))
     ema = {k: v.to(device, torch.float32) for k, v in _load_split(folder, "ema").items()}
+    delta = _load_split(folder, "delta")
+    if delta:  # compact: weights = ema16 + delta16
+        model.load_state_dict({k: ema[k] + v.to(device, torch.float32) for k, v in delta.items()})
+    else:
+        model.load_state_dict(_load_split(folder, "model"))
     squares = _load_split(folder, "adam_sq")
+    packed = _load_split(folder, "adam_sq8")
+    squares.update({k: (v.float() * packed[k + ".scale"].float()).square()
+                    for k, v in packed.items() if not k.endswith(".scale")})
     for name, p in model.named_parameters():
         if name in squares:
             fused = optimizer.defaults.get("fused")  # fused Adam keeps its step count on the device
@@ -98,24 +128,41 @@ def export_weights(checkpoint, weights_path) -> None:
     """The checkpoint's EMA weights as the shipped float16 safetensors file."""
     checkpoint = pathlib.Path(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
-    model = build_model(state.get("config", CONFIG))
+    model = build_model(state.get("config", CONFIG), state.get("text"), state.get("video"))
     model.load_state_dict({k: v.float() for k, v in _load_split(checkpoint, "ema").items()})
     save_weights(model, weights_path, dtype=torch.float16,
                  metadata={"step": state["step"], "train_seconds": round(state["train_seconds"], 1)})
 
 
-def flow_matching_batch(batch: int, seed: int, device, shift: float = SHIFT, drop_prompt: float = 0.1):
-    """One training batch: ``(x_t, timestep, tokens, target)``, a deterministic function of ``seed``."""
-    scenes = data.sample_scenes(batch, seed)
+def flow_matching_batch(batch: int, seed: int, device, shift: float = SHIFT, drop_prompt: float = 0.1,
+                        dataset=data, frames: Optional[int] = None, size: Optional[int] = None):
+    """One training batch: ``(x_t, timestep, tokens, target)``, a deterministic function of ``seed``.
+
+    ``dataset`` is the procedural data module (:mod:`~liteattn.demo.data` or :mod:`~liteattn.demo.textured`);
+    ``frames`` and ``size`` (textured data only) change its clip length and frame size.
+    """
+    shape = {} if frames is None and size is None else dict(frames=frames or dataset.FRAMES, size=size or dataset.SIZE)
+    scenes = dataset.sample_scenes(batch, seed, **({"size": shape["size"]} if shape else {}))
     tokens = scenes.tokens
     g = torch.Generator().manual_seed(seed + 1)
     tokens[torch.rand(batch, generator=g) < drop_prompt] = 0
     u = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal
     sigma = shift * u / (1 + (shift - 1) * u)  # the scheduler's shift, so training covers what sampling visits
-    x0 = data.render(scenes.to(device))
+    x0 = dataset.render(scenes.to(device), **shape)
     noise = torch.randn(x0.shape, generator=torch.Generator(device=device).manual_seed(seed + 2), device=device)
     s = sigma.to(device).view(batch, 1, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma.to(device) * 1000, tokens.to(device), noise - x0
+
+
+def _init_from(model: TinyWan, path) -> str:
+    """Copy every tensor of the weights file at ``path`` whose name and shape match ``model``'s; returns a summary."""
+    from safetensors.torch import load_file
+
+    source = load_file(str(path))
+    own = model.state_dict()
+    match = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(match, strict=False)
+    return f"{len(match)} of {len(own)} tensors ({len(source) - len(match)} of the file's left out)"
 
 
 def _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device) -> torch.Tensor:
@@ -130,6 +177,14 @@ def _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m liteattn.demo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("small", "large"), default="small",
+                   help="small: 16x64x64 shapes (the shipped tiny_wan); large: 16x128x128 textured, positional prompts")
+    p.add_argument("--init-from", default=None,
+                   help="weights file to start a fresh run from, where shapes match ('none': random; default for "
+                        "--model large: the shipped small model)")
+    p.add_argument("--frames", type=int, default=None, help="large model: clip length (default 16; kept on resume)")
+    p.add_argument("--size", type=int, default=None, help="large model: frame size in pixels, a multiple of 4 "
+                                                           "(default 128; kept on resume)")
     p.add_argument("--out", help="checkpoint folder to write")
     p.add_argument("--resume", help="checkpoint folder to continue from")
     p.add_argument("--export", help="checkpoint folder whose EMA weights to write to --weights, then exit")
@@ -140,6 +195,8 @@ def main(argv=None) -> int:
                    help="training seconds over all runs; the cosine learning-rate schedule spans them")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--text-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier for the large model's new prompt-encoder layers and positions")
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps (a resumed run warms up for a third)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -159,20 +216,42 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = build_model().to(device).train()
-    decay, no_decay = [], []
+    if args.resume:  # the checkpoint says which model it is
+        saved = json.loads((pathlib.Path(args.resume) / "state.json").read_text())
+        args.model = "large" if saved.get("video", {}) and saved["video"].get("data") == "textured" else "small"
+    large = args.model == "large"
+    config, text, video = (CONFIG_LARGE, TEXT_LARGE, dict(VIDEO_LARGE)) if large else (CONFIG, None, None)
+    if args.resume:
+        video = saved.get("video") or video
+    if large and (args.frames or args.size):  # a resumed run may also change them: the weights fit any shape
+        video.update({k: v for k, v in (("frames", args.frames), ("size", args.size)) if v})
+    model = build_model(config, text, video)
+    init_from = args.init_from if args.init_from is not None else (str(WEIGHTS) if large else "none")
+    if not args.resume and init_from != "none":
+        print(f"initialised from {init_from}: {_init_from(model, init_from)}", flush=True)
+    model = model.to(device).train()
+    decay, no_decay, text_params = [], [], []
     for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "token_embedding" in name else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
-    state = {"step": 0, "train_seconds": 0.0, "samples": 0, "log": [], "runs": [], "config": CONFIG}
+        if name.startswith(("text_position", "text_blocks")):
+            text_params.append(param)
+        else:
+            (no_decay if param.ndim < 2 or "token_embedding" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": 0.01, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if text_params:
+        groups.append({"params": text_params, "weight_decay": 0.0, "lr_mult": args.text_lr_mult})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    state = {"step": 0, "train_seconds": 0.0, "samples": 0, "log": [], "runs": [], "config": config, "text": text,
+             "video": model.video, "init_from": None if init_from == "none" else pathlib.Path(init_from).name}
     warmup = args.warmup
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if args.resume:
         ema, state = load_checkpoint(args.resume, model, optimizer, device)
         warmup = max(1, args.warmup // 3)
+        state["video"] = model.video
         print(f"resumed {args.resume}: step {state['step']}, {state['train_seconds']:.0f} s trained")
     forward = torch.compile(model) if args.compile else model
+    shape = dict(frames=model.video_shape[0], size=model.video_shape[1]) if model.dataset is not data else {}
 
     start_step, start_seconds = state["step"], state["train_seconds"]
     params = [p for p in model.parameters()]
@@ -192,8 +271,9 @@ def main(argv=None) -> int:
         lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         lr *= min(1.0, (run_step + 1) / warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        x_t, timestep, tokens, target = flow_matching_batch(args.batch, args.seed * 10_000_019 + 3 * step, device)
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        x_t, timestep, tokens, target = flow_matching_batch(args.batch, args.seed * 10_000_019 + 3 * step, device,
+                                                            dataset=model.dataset, **shape)
         try:
             loss = _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device)
         except Exception as exc:  # a compiler failure (forward or backward) must not cost a whole device run
@@ -227,16 +307,16 @@ def main(argv=None) -> int:
     state["samples"] += (state["step"] - start_step) * args.batch
     state["runs"].append(dict(steps=state["step"] - start_step, seconds=round(run_seconds, 1), batch=args.batch,
                               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              compile=args.compile))
+                              compile=args.compile, video=model.video))
     state["args"] = vars(args)
-    save_checkpoint(args.out, model, ema, optimizer, state)
+    save_checkpoint(args.out, model, ema, optimizer, state, compact=large)
     print(f"saved {args.out}: step {state['step']} ({state['step'] - start_step} this run, "
           f"{(state['step'] - start_step) * args.batch / run_seconds:.0f} samples/s), "
           f"{state['train_seconds']:.0f} s trained", flush=True)
     if args.samples:
         from .sample import write_sample_gif
 
-        ema_model = build_model().to(device)
+        ema_model = build_model(config, text, video).to(device)
         ema_model.load_state_dict({k: v for k, v in ema.items()})
         write_sample_gif(ema_model.eval(), args.samples, device=device)
     return 0

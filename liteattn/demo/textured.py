@@ -1,0 +1,222 @@
+"""Textured procedural videos for the large demo model: camera-moved textured ground, textured shapes, lighting.
+
+    from liteattn.demo import textured
+    scenes = textured.sample_scenes(16, seed=0)            # TexturedScenes: the parameters of 16 videos (CPU)
+    video = textured.render(scenes.to("cuda"))              # (16, 3, 16, 128, 128) float32 in [-1, 1]
+    scenes.prompts()[0]                                     # 'red circle moving left, blue square moving down'
+    scenes.tokens                                           # (16, data.MAX_TOKENS) int64, the small model's vocabulary
+
+Why textures: attention in a video diffusion transformer is local in space-time when the content is: a token of a
+sharp texture is best denoised from the same texture point in the neighbouring frames, which a camera pan, zoom or
+roll keeps within a few tokens. Flat colours (the small model's data) give near-identical keys over large regions, so
+its attention spreads over them (issue 14). Everything here has detail at the scale of a 4x4 patch:
+
+- **Ground.** A texture fixed in world coordinates, one of three kinds: blotches (a random lattice, bilinearly
+  interpolated and pushed through a steep sigmoid), tiles (a rotated checkerboard with dark joints) or wavy stripes;
+  two dark palette colours, and fine grain on top. A camera pans (up to 2.5 px per frame), zooms (up to 3.5% per
+  frame, in or out) and rolls (up to 1.2 degrees per frame) over it, so every frame samples the same world.
+- **Shapes.** As in :mod:`liteattn.demo.data` (same prompts, same vocabulary, the same scene for the same seed), at
+  twice the size: circles, squares and triangles of radius 10-20 px, moving 2.4-6 px per frame and bouncing off the
+  frame edges; later shapes occlude earlier ones. Each carries its own pattern (stripes or checks, moving with it)
+  and a soft shading, in its prompted colour.
+- **Light.** A directional gradient whose direction turns over the clip scales the ground (+-10-35%) and, at half
+  strength, the shapes.
+
+Deterministic by seed: the shapes come from ``data.sample_scenes(n, seed)`` and everything else from a second CPU
+generator seeded from ``seed``; rendering is a closed-form, vectorised function of the parameters (one
+``grid_sample`` for the lattice noise), so the same seed draws the same video on any device, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+__all__ = ["FRAMES", "SIZE", "LATTICE", "TexturedScenes", "sample_scenes", "render"]
+
+FRAMES, SIZE = 16, 128
+LATTICE = 128  # cells per side of the ground's random lattice (it covers what any camera path sees)
+_SECOND_STREAM = 0x5EED_7E47  # the texture generator's seed is seed ^ this, kept apart from the shapes' stream
+
+
+@dataclass
+class TexturedScenes:
+    """The parameters of ``N`` textured videos: ``shapes`` (a :class:`data.Scenes`, sizes in this module's pixels)
+    and tensors with a leading ``N``.
+
+    Ground: ``ground_kind`` int64 (N,) 0 blotches, 1 tiles, 2 stripes; ``palette`` (N, 2, 3) RGB; ``lattice``
+    (N, 2, LATTICE, LATTICE) uniform noise (channel 0 fine, 1 coarse); ``cell`` (N,) lattice cell size in world px;
+    ``period`` (N,) tile / stripe period in px; ``angle`` (N,) pattern orientation; ``grain`` (N,) fine-grain
+    strength. Camera: ``origin`` (N, 2) world point at the frame centre at t=0; ``pan`` (N, 2) px per frame;
+    ``zoom`` (N,) log zoom per frame; ``roll`` (N,) radians per frame. Light: ``light`` (N, 3): strength, start
+    angle, angular speed. Shapes: ``pattern`` int64 (N, 3) 0 stripes, 1 checks; ``pattern_period`` (N, 3) px;
+    ``pattern_angle`` (N, 3); ``pattern_contrast`` (N, 3).
+    """
+
+    shapes: data.Scenes
+    ground_kind: torch.Tensor
+    palette: torch.Tensor
+    lattice: torch.Tensor
+    cell: torch.Tensor
+    period: torch.Tensor
+    angle: torch.Tensor
+    grain: torch.Tensor
+    origin: torch.Tensor
+    pan: torch.Tensor
+    zoom: torch.Tensor
+    roll: torch.Tensor
+    light: torch.Tensor
+    pattern: torch.Tensor
+    pattern_period: torch.Tensor
+    pattern_angle: torch.Tensor
+    pattern_contrast: torch.Tensor
+
+    def to(self, device) -> "TexturedScenes":
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        return TexturedScenes(**moved)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def prompts(self) -> List[str]:
+        return self.shapes.prompts()
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(N, data.MAX_TOKENS) int64 token ids of the prompts, on the CPU."""
+        return self.shapes.tokens
+
+
+def sample_scenes(n: int, seed: int, *, max_shapes: int = data.MAX_SHAPES, size: int = SIZE) -> TexturedScenes:
+    """``n`` random textured scenes, a deterministic function of ``seed`` (and ``n``); tensors on the CPU.
+
+    The shapes and prompts are those of ``data.sample_scenes(n, seed)``, scaled from its frame size to ``size``
+    (render them at that size); the ground, camera and light do not depend on ``size``.
+    """
+    shapes = data.sample_scenes(n, seed, max_shapes=max_shapes)
+    scale = size / data.SIZE
+    shapes.radius = shapes.radius * scale
+    shapes.start = shapes.start * scale
+    shapes.speed = shapes.speed * scale
+    g = torch.Generator().manual_seed(int(seed) ^ _SECOND_STREAM)
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    S = data.MAX_SHAPES
+    ground_kind = torch.randint(0, 3, (n,), generator=g)
+    # Two dark, mostly grey palette colours (a little tint), far enough apart in brightness to make edges.
+    grey = 0.06 + 0.26 * u(n, 2, 1)
+    grey[:, 1] = (grey[:, 0] + 0.10 + 0.15 * u(n, 1)).clamp(max=0.5)
+    palette = (grey * (0.8 + 0.4 * u(n, 2, 3))).clamp(0.02, 0.55)
+    lattice = u(n, 2, LATTICE, LATTICE)
+    cell = 3.0 + 3.0 * u(n)
+    period = 8.0 + 10.0 * u(n)
+    angle = math.pi * u(n)
+    grain = 0.10 + 0.25 * u(n)
+    origin = (u(n, 2) - 0.5) * 0.2 * LATTICE * cell[:, None]
+    pan_speed, pan_angle = 2.5 * u(n).sqrt(), 2 * math.pi * u(n)
+    pan = torch.stack([pan_speed * torch.cos(pan_angle), pan_speed * torch.sin(pan_angle)], dim=1)
+    zoom = 0.035 * (2 * u(n) - 1)
+    roll = 0.021 * (2 * u(n) - 1)
+    light = torch.stack([0.10 + 0.25 * u(n), 2 * math.pi * u(n), 0.06 * (2 * u(n) - 1)], dim=1)
+    pattern = torch.randint(0, 2, (n, S), generator=g)
+    pattern_period = 5.0 + 5.0 * u(n, S)
+    pattern_angle = math.pi * u(n, S)
+    pattern_contrast = 0.15 + 0.25 * u(n, S)
+    return TexturedScenes(shapes, ground_kind, palette, lattice, cell, period, angle, grain, origin, pan, zoom, roll,
+                          light, pattern, pattern_period, pattern_angle, pattern_contrast)
+
+
+def _smooth_edge(signed: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """1 inside (signed < 0) to 0 outside, over about ``width`` pixels: an anti-aliased edge."""
+    return (0.5 - signed / width).clamp(0.0, 1.0)
+
+
+def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
+    """The videos of ``scenes``, ``(N, 3, frames, size, size)`` float32 in [-1, 1], on ``scenes``' device."""
+    device = scenes.palette.device
+    n = len(scenes)
+    col = lambda x: x.view(n, 1, 1, 1)  # (N,) -> (N, 1, 1, 1), broadcast over (T, H, W)
+    t = torch.arange(frames, dtype=torch.float32, device=device).view(1, frames, 1, 1)
+    pix = torch.arange(size, dtype=torch.float32, device=device) + 0.5 - size / 2
+    px, py = pix.view(1, 1, 1, size), pix.view(1, 1, size, 1)
+
+    # Camera: screen offset p from the centre -> world = origin + pan t + R(roll t) p / exp(zoom t).
+    scale = torch.exp(-col(scenes.zoom) * t)  # world px per screen px, (N, T, 1, 1)
+    theta = col(scenes.roll) * t
+    cos, sin = torch.cos(theta) * scale, torch.sin(theta) * scale
+    wx = col(scenes.origin[:, 0]) + col(scenes.pan[:, 0]) * t + cos * px - sin * py  # (N, T, H, W)
+    wy = col(scenes.origin[:, 1]) + col(scenes.pan[:, 1]) * t + sin * px + cos * py
+    aa = scale.clamp(min=0.5)  # one screen pixel in world px: the anti-aliasing width
+
+    # Lattice noise at world points: channel 0 at the cell size, channel 1 four times coarser.
+    extent = LATTICE * col(scenes.cell)
+    fine_grid = torch.stack([wx / extent * 2, wy / extent * 2], dim=-1)  # lattice spans [-extent/2, extent/2]
+    grid = torch.cat([fine_grid, fine_grid / 4], dim=1).view(n, 2 * frames * size, size, 2)
+    noise = F.grid_sample(scenes.lattice, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    fine = noise[:, 0].view(n, 2, frames, size, size)[:, 0]  # channel 0 read at the fine coordinates
+    coarse = noise[:, 1].view(n, 2, frames, size, size)[:, 1]  # channel 1 read at the coarse ones
+
+    # Pattern coordinates, rotated by the ground's angle, in periods.
+    ca, sa = torch.cos(col(scenes.angle)), torch.sin(col(scenes.angle))
+    u_, v_ = (ca * wx + sa * wy) / col(scenes.period), (-sa * wx + ca * wy) / col(scenes.period)
+    edge = aa / col(scenes.period)  # anti-aliasing width in periods
+    blotch = torch.sigmoid((fine - 0.5) * 14.0)
+    # Tiles: alternate colours, a dark joint of 8% of the period along each tile edge.
+    parity = torch.remainder(torch.floor(u_) + torch.floor(v_), 2.0)
+    to_joint = torch.minimum((u_ - torch.round(u_)).abs(), (v_ - torch.round(v_)).abs())
+    joint = _smooth_edge(to_joint - 0.04, edge)
+    tiles = (0.15 + 0.7 * parity + 0.3 * (coarse - 0.5)).clamp(0, 1)
+    # Stripes, warped by the coarse noise.
+    wave = torch.sin(2 * math.pi * (u_ + 0.8 * coarse))
+    stripes = _smooth_edge(-wave, 2 * math.pi * edge)
+    kind = col(scenes.ground_kind)
+    mix = torch.where(kind == 0, blotch, torch.where(kind == 1, tiles, stripes))
+    lo, hi = (scenes.palette[:, i].view(n, 3, 1, 1, 1) for i in (0, 1))
+    ground = lo + (hi - lo) * mix[:, None]
+    ground = ground * (1 + col(scenes.grain)[:, None] * (2 * fine[:, None] - 1) * (kind != 0).view(n, 1, 1, 1, 1))
+    ground = ground * torch.where(kind == 1, 1 - 0.7 * joint, torch.ones_like(joint))[:, None]
+
+    # Light: a directional gradient across the frame whose direction turns over the clip.
+    strength, start, turn = (scenes.light[:, i] for i in range(3))
+    phi = col(start) + col(turn) * t
+    gradient = (torch.cos(phi) * px + torch.sin(phi) * py) / (size / 2)  # [-1.4, 1.4]
+    light = col(strength) * gradient  # (N, T, H, W)
+    video = ground * (1 + light[:, None])
+
+    # Shapes, in drawing order (later ones on top), each with its pattern and shading, lit at half strength.
+    sh = scenes.shapes
+    velocity = data._DIRECTION_XY.to(device)[sh.direction] * sh.speed[..., None]  # (N, S, 2)
+    radius = sh.radius[..., None]
+    tt = torch.arange(frames, dtype=torch.float32, device=device)
+    free = sh.start[:, :, None, :] + velocity[:, :, None, :] * tt[None, None, :, None]  # (N, S, T, 2)
+    centre = data._bounce(free, radius[..., None], size - radius[..., None])  # (N, S, T, 2) in screen px
+    rgb = data._COLOUR_RGB.to(device)[sh.colour]  # (N, S, 3)
+    for s in range(data.MAX_SHAPES):
+        dx = pix.view(1, 1, 1, size) + size / 2 - centre[:, s, :, 0].view(n, frames, 1, 1)  # (N, T, 1, W)
+        dy = pix.view(1, 1, size, 1) + size / 2 - centre[:, s, :, 1].view(n, frames, 1, 1)  # (N, T, H, 1)
+        r = col(sh.radius[:, s])
+        circle = torch.sqrt(dx * dx + dy * dy) - r
+        square = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r
+        rt = 1.1 * r
+        triangle = torch.maximum(torch.maximum(dy - 0.5 * rt, -0.866 * dx - 0.5 * dy - 0.5 * rt),
+                                 0.866 * dx - 0.5 * dy - 0.5 * rt)
+        k = col(sh.shape[:, s])
+        distance = torch.where(k == 0, circle, torch.where(k == 1, square, triangle))  # (N, T, H, W)
+        cover = _smooth_edge(distance, torch.ones_like(r)) * col(sh.active[:, s].float())
+        # Pattern in the shape's own frame (it moves with the shape): stripes or checks.
+        pa = col(scenes.pattern_angle[:, s])
+        pp = col(scenes.pattern_period[:, s])
+        su, sv = (torch.cos(pa) * dx + torch.sin(pa) * dy) / pp, (-torch.sin(pa) * dx + torch.cos(pa) * dy) / pp
+        stripe = _smooth_edge(-torch.sin(2 * math.pi * su), 2 * math.pi / pp)
+        check = _smooth_edge(-torch.sin(2 * math.pi * su) * torch.sin(2 * math.pi * sv), 2 * math.pi / pp)
+        mark = torch.where(col(scenes.pattern[:, s]) == 0, stripe, check)
+        shade = 1 - col(scenes.pattern_contrast[:, s]) * mark - 0.25 * ((dx - 0.4 * r) ** 2 + (dy + 0.4 * r) ** 2
+                                                                         ).sqrt().div(2 * r).clamp(max=1)
+        colour = rgb[:, s].view(n, 3, 1, 1, 1) * (shade * (1 + 0.5 * light))[:, None]
+        video = video * (1 - cover[:, None]) + colour * cover[:, None]
+    return video.clamp(0, 1) * 2 - 1
