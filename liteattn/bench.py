@@ -56,7 +56,7 @@ def _time(fn: Callable[[], object]) -> float:
 
 def run(shapes: List[str], sparsities=SPARSITIES, seed: int = 0, include: str = "all", log=print) -> List[Dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     from . import lite_attention
     from .skip import SkipList
@@ -97,9 +97,7 @@ def run(shapes: List[str], sparsities=SPARSITIES, seed: int = 0, include: str = 
             record("liteattn-read", s, _time(lambda: lite_attention(q, k, v, read=read, backend="triton")))
             record("liteattn-read+write", s, _time(
                 lambda: lite_attention(q, k, v, read=read, write=write, threshold=-10.0, backend="triton")), True)
-            mask = BlockMask.from_kv_blocks(
-                torch.zeros_like(read.kv_counts), read.kv_indices, read.kv_counts, read.kv_indices,
-                BLOCK_SIZE=128, seq_lengths=(S, S))
+            mask = read.to_block_mask()  # the same tiles, as full blocks
             record("flex-blockmask", s, _time(lambda: flex(qt, kt, vt, block_mask=mask)))
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()

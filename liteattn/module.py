@@ -41,7 +41,8 @@ class LiteAttention:
 
     Under ``torch.compile`` the call is one custom op without graph breaks. The threshold is a 0-d device tensor
     updated in place, and the ping-pong swap exchanges tensor attributes, so neither a new threshold nor the next
-    step recompiles; the state is built eagerly, outside the graph, on the first skipping call.
+    step recompiles. The first skipping call builds the state (in its graph, when compiled); the next call
+    compiles the steady state.
     """
 
     def __init__(self, enable_skipping: bool = True, threshold: float = -10.0, max_batch_size: int = 4, *,
@@ -122,11 +123,12 @@ class LiteAttention:
                 f"state={'none' if self._state is None else tuple(self._state.shape)})")
 
     # -- the call ------------------------------------------------------------------------------
-    @torch.compiler.disable
     def _new_state(self, query, key, must_skip) -> SkipState:
-        """A fresh state for these inputs, built eagerly (outside any compiled graph)."""
+        """A fresh state for these inputs. Under torch.compile it is traced into the first skipping call's graph
+        (a graph break here would sit inside the model's loop over blocks, where dynamo gives up on the whole
+        frame); the next call, guarded on the state's existence, compiles the steady-state graph."""
         B, Sq, H, _ = query.shape
-        if self._state is not None:
+        if self._state is not None and not torch.compiler.is_compiling():  # (a log call would break the graph)
             old = self._state
             before = dict(batch=old.batch, seq_q=old.seq_q, seq_k=old.seq_k, heads=old.heads, device=old.device,
                           must_skip=old.must_skip)

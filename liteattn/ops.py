@@ -181,7 +181,7 @@ def lite_attention(
         if lst is not None:
             _check_list(name, lst, q, k, tile_q, tile_k)
     # (data_ptr is opaque to torch.compile; the check runs in eager mode.)
-    if (read is not None and write is not None and not torch.compiler.is_compiling()
+    if (read is not None and write is not None and not torch.compiler.is_compiling() and q.device.type != "meta"
             and read.kv_indices.data_ptr() == write.kv_indices.data_ptr()):
         raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
     threshold = threshold_tensor(threshold, q.device)  # a float is checked here

@@ -364,10 +364,11 @@ class SkipState:
         self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
-        indices = torch.empty(2, batch, heads, mq, nk, dtype=torch.int32, device=self.device)
-        counts = torch.empty(2, batch, heads, mq, dtype=torch.int32, device=self.device)
-        self.read, self.write = (SkipList(indices[slot], counts[slot], tile_q, tile_k, seq_q, seq_k)
-                                 for slot in range(2))
+        # Two allocations, not two views of one: compiled graphs would see aliased inputs and guard on their offsets.
+        self.read, self.write = (
+            SkipList(torch.empty(batch, heads, mq, nk, dtype=torch.int32, device=self.device),
+                     torch.empty(batch, heads, mq, dtype=torch.int32, device=self.device), tile_q, tile_k, seq_q, seq_k)
+            for _ in range(2))
         self.lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=self.device) if with_lse else None
         self.reset()
 

@@ -1,4 +1,4 @@
-"""An independent float64 oracle of DESIGN section 1, written for the tests.
+"""An independent float64 oracle of docs/DESIGN.md section 1, written for the tests.
 
 It shares no code with ``liteattn.backends``: it loops over (batch, head, q-tile), walks the
 k-tiles of the read list in ascending order one tile at a time, keeps an online running max
@@ -139,7 +139,7 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Op
     return OracleResult(out, lse, keep, margin, forced)
 
 
-# -- the tolerance rule of DESIGN section 3 -------------------------------------------------------
+# -- the tolerance rule of docs/DESIGN.md section 3 -------------------------------------------------------
 
 def token_mask(read: torch.Tensor, seq_q: int, seq_k: int, tile_q: int, tile_k: int) -> torch.Tensor:
     """bool (B, H, Sq, Sk): the (row, column) pairs that the read tiles cover."""
@@ -210,7 +210,7 @@ LSE_FLOOR = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-3, torc
 
 
 def assert_within_rule(got, baseline, ref, floor: float, what: str) -> None:
-    """DESIGN section 3: error vs the fp64 reference <= 2x plain PyTorch's error in the input dtype + floor."""
+    """docs/DESIGN.md section 3: error vs the fp64 reference <= 2x plain PyTorch's error in the input dtype + floor."""
     err, base_err = max_err(got, ref), max_err(baseline, ref)
     assert err <= 2 * base_err + floor, (
         f"{what}: max error {err:.3e} vs fp64 oracle exceeds 2 x plain-PyTorch error {base_err:.3e} + {floor:.0e}"

@@ -225,7 +225,7 @@ def test_random_read_lists(batch, heads, seq_q, seq_k, tile_q, tile_k, threshold
 
 
 def test_every_output_element_written(monkeypatch):
-    """DESIGN section 3: poison every buffer the call allocates with torch.empty; all of it must be overwritten."""
+    """docs/DESIGN.md section 3: poison every buffer the call allocates with torch.empty; all of it must be overwritten."""
     real_empty = torch.empty
 
     def poisoned_empty(*args, **kwargs):

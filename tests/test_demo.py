@@ -70,8 +70,12 @@ def test_demo_writes_every_file_and_a_sane_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and report["threshold"] == -6.0
     assert len(report["sparsity_per_step"]) == 2 and report["sparsity_per_step"][0] == 0.0  # step 0 is dense
-    assert all(0.0 <= s <= 1.0 for s in report["sparsity_per_step"])
-    assert 0.0 <= report["sparsity_mean"] <= 1.0
+    # Every step and layer weighs the same here (one call each): the run's mean is the mean of the steps and the
+    # mean of the layers.
+    steps, layers = report["sparsity_per_step"], report["sparsity_per_layer"]
+    assert len(layers) == 6
+    assert report["sparsity_mean"] == pytest.approx(sum(steps) / len(steps), abs=1e-4)
+    assert report["sparsity_mean"] == pytest.approx(sum(layers.values()) / len(layers), abs=1e-4)
     assert len(report["psnr_db"]) == len(report["ssim"]) == 1
     assert report["psnr_db"][0] is None or report["psnr_db"][0] > 10
     assert -1.0 <= report["ssim"][0] <= 1.0

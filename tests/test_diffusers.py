@@ -516,9 +516,8 @@ def test_scheduled_run_under_compile_compiles_a_handful_of_graphs():
     out = cfg_loop(compiled, kwargs, timesteps=range(1000, 200, -50))
     assert not counters["graph_break"], dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
-    # Warm-up (dense), the first skipping call of each branch (its state is built eagerly between two graphs), and
-    # the steady state.
-    assert 1 <= graphs <= 4, graphs
+    # Warm-up (dense), the first skipping call (it builds the skip states), and the steady state.
+    assert 1 <= graphs <= 3, graphs
     stats = handle.stats()
     assert stats["num_steps"] == 16 and stats["sparsity"] == eager_sparsity and eager_sparsity[-1] > 0.1
     assert [s["threshold"] for s in stats["steps"]] == schedule
@@ -621,7 +620,8 @@ def test_gpu_bf16(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_inductor_from_the_first_call_and_a_handful_of_graphs():
-    """Risk (c): the first skipping call builds the skip state; under inductor on CUDA it must run eagerly and the
+    """Risk (c): the first skipping call builds the skip state inside the compiled graph (a graph break there would
+    sit in the model's loop over blocks, where dynamo gives up on the whole frame); under inductor on CUDA the
     compiled run must equal the eager one. A 16-step scheduled run with warm-up and 2 branches compiles a handful
     of graphs, as with the eager backend."""
     from torch._dynamo.utils import counters
@@ -645,7 +645,7 @@ def test_gpu_inductor_from_the_first_call_and_a_handful_of_graphs():
         results.append((outs, handle.stats()["sparsity"], counters["stats"]["unique_graphs"]))
         handle.disable()
     (eager, eager_sparsity, _), (compiled, compiled_sparsity, graphs) = results
-    assert 1 <= graphs <= 4, graphs
+    assert 1 <= graphs <= 3, graphs
     assert eager_sparsity[-1] > 0.05
     assert max(abs(a - b) for a, b in zip(eager_sparsity, compiled_sparsity)) <= 0.02
     for a, b in zip(compiled, eager):

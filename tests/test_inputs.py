@@ -1,5 +1,6 @@
 """Every bad input raises ValueError or TypeError whose message names the problem, at every entry point."""
 
+import logging
 import math
 
 import pytest
@@ -244,3 +245,44 @@ def test_read_and_write_same_buffer():
         call_op(q, k, v, read=state.read, write=state.read)
     assert torch.equal(state.read.to_dense(), before)
     call_op(q, k, v, read=state.read, write=state.write)  # the right way works
+
+
+# -- backend choice (liteattn.backends.choose): stand-ins for CUDA tensors, so that it runs without a GPU ---------
+
+def cuda_like(dtype=torch.bfloat16, head_dim=64):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 256, 2, head_dim))
+
+
+def test_fallback_on_cuda_logs_a_warning_with_its_cause(monkeypatch, caplog):
+    """Risk (e): a Triton import error used to be logged at DEBUG only before the O(S^2) fallback."""
+    from liteattn import backends
+
+    backends._warn_fallback_once.cache_clear()
+    monkeypatch.setattr(backends, "triton_import_error", lambda: "ModuleNotFoundError: No module named 'triton'")
+    caplog.set_level(logging.WARNING, logger="liteattn")
+    q = cuda_like()
+    assert backends.choose(None, q, q, 128, 128) == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No module named 'triton'" in warnings[0] and "PyTorch reference" in warnings[0]
+    with pytest.raises(ValueError, match=r"backend='triton' was requested but the Triton kernel does not import "
+                                         r"\(ModuleNotFoundError"):
+        backends.choose("triton", q, q, 128, 128)
+    monkeypatch.undo()
+    backends._warn_fallback_once.cache_clear()
+    q32 = cuda_like(torch.float32)
+    if backends.triton_available():
+        assert backends.choose(None, q32, q32, 128, 128) == "torch"
+        assert any("float16 or bfloat16, got torch.float32" in r.getMessage() for r in caplog.records)
+
+
+def test_cuda_refuses_tiles_the_kernel_cannot_run():
+    """Risk (e): enable(tile_q=32) on CUDA used to run the PyTorch reference quietly."""
+    from liteattn import backends
+
+    q = cuda_like()
+    with pytest.raises(ValueError, match=r"tiles of \(64, 128\) tokens, got tile_q=32, tile_k=32 on CUDA.*"
+                                         r"backend='torch'"):
+        backends.choose(None, q, q, 32, 32)
+    assert backends.choose("torch", q, q, 32, 32) == "torch"  # asked for by name: allowed

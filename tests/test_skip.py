@@ -204,3 +204,29 @@ def test_constructor_validation():
             SkipState(**args)
     with pytest.raises(TypeError, match="heads must hold integers"):
         SkipState(1, 1.5, 32, 32)
+
+
+# -- public seams: tuple form, FlexAttention interop ------------------------------------------------------------
+
+def test_as_tuple_and_block_mask_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.rand(2, 3, 5, 7, generator=gen) < 0.4
+    lst = SkipList.from_dense(dense, 32, 64, 150, 420)
+    indices, counts = lst.as_tuple()
+    assert indices is lst.kv_indices and counts is lst.kv_counts
+    mask = lst.to_block_mask()
+    assert mask.BLOCK_SIZE == (32, 64) and tuple(mask.seq_lengths) == (150, 420)
+    back = SkipList.from_block_mask(mask)
+    assert (back.tile_q, back.tile_k, back.seq_q, back.seq_k) == (32, 64, 150, 420)
+    assert torch.equal(back.to_dense(), dense)
+    # FlexAttention's own view of it: the same tiles, at token level.
+    flex = mask.to_dense()[..., :5, :7].bool()
+    assert torch.equal(flex, dense)
+
+
+def test_from_block_mask_counts_partial_blocks_as_computed():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    causal = create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 256, 256, device="cpu", BLOCK_SIZE=64)
+    lst = SkipList.from_block_mask(causal)
+    assert torch.equal(lst.to_dense()[0, 0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
