@@ -1,4 +1,4 @@
-"""The PyTorch backend: vectorised reference of DESIGN section 1, runs on any device.
+"""The PyTorch backend: vectorised reference of docs/DESIGN.md section 1, runs on any device.
 
 Per chunk of heads and q-tiles it forms the full score block, takes tile maxima, and replays
 the kernel's left-to-right walk over the read list with a cumulative max, so that the skip
