@@ -22,7 +22,7 @@ import torch
 
 from . import data
 from .metrics import psnr, ssim
-from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, sample, to_uint8
+from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, make_scheduler, sample, to_uint8
 
 __all__ = ["run_dense", "run_liteattn", "compare", "main"]
 
@@ -60,7 +60,8 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
     """
     import liteattn
 
-    handle = liteattn.enable(model.transformer, threshold=threshold, **enable_kwargs)
+    scheduler = make_scheduler()  # the handle follows its steps: no host read of the timestep per call
+    handle = liteattn.enable(model.transformer, threshold=threshold, scheduler=scheduler, **enable_kwargs)
     calls_per_step = 2 if guidance != 1.0 else 1
     seen: Dict[int, int] = {}  # block -> calls so far
     last: Dict[int, Optional[torch.Tensor]] = {}  # block -> read list of its conditional call at the last step
@@ -77,7 +78,8 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
         for i, block in enumerate(model.transformer.blocks):
             hooks.append(block.attn1.register_forward_pre_hook(functools.partial(capture, i)))
     try:
-        result = _timed_sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step)
+        result = _timed_sample(model, tokens, steps=steps, guidance=guidance, seed=seed, on_step=on_step,
+                               scheduler=scheduler)
         stats = handle.stats()
         if plot_path is not None:
             handle.plot(plot_path)

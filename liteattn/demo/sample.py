@@ -13,7 +13,7 @@ import torch
 
 from . import data
 
-__all__ = ["SHIFT", "GUIDANCE", "DEFAULT_PROMPTS", "initial_noise", "sample", "AttentionTimer", "to_uint8",
+__all__ = ["SHIFT", "GUIDANCE", "DEFAULT_PROMPTS", "initial_noise", "make_scheduler", "sample", "AttentionTimer", "to_uint8",
            "write_sample_gif"]
 
 SHIFT = 3.0  # the flow-matching timestep shift used in training and sampling (Wan uses 3 to 5)
@@ -37,20 +37,19 @@ def initial_noise(num: int, seed: int, device, dtype=torch.float32, *, frames: i
 @torch.no_grad()
 def sample(model, tokens: torch.Tensor, *, steps: int = 30, guidance: float = GUIDANCE, seed: int = 0,
            shift: float = SHIFT, on_step: Optional[Callable[[int], None]] = None, frames: Optional[int] = None,
-           size: Optional[int] = None) -> torch.Tensor:
+           size: Optional[int] = None, scheduler=None) -> torch.Tensor:
     """Videos for ``tokens (B, MAX_TOKENS)``: ``(B, 3, frames, size, size)`` float32 in [-1, 1], on the model's device.
 
     ``model`` is a :class:`liteattn.demo.model.TinyWan`; its dtype and device are used, and its ``video_shape``
     (the small model's: 16 frames of 64x64, the large one's: 16 of 128x128) unless ``frames`` / ``size`` say
     otherwise. ``guidance`` 1.0 makes one transformer call per step (no unconditional branch). ``on_step(i)`` is
-    called after each step.
+    called after each step. ``scheduler``: a :func:`make_scheduler` to step (e.g. the one given to
+    ``liteattn.enable(..., scheduler=)``, which then follows the steps without reading the timestep); default a new one.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     weight = model.token_embedding.weight
     device, dtype = weight.device, weight.dtype
     batch = tokens.shape[0]
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler = make_scheduler(shift) if scheduler is None else scheduler
     scheduler.set_timesteps(steps, device=device)
     model_frames, model_size = getattr(model, "video_shape", (data.FRAMES, data.SIZE))
     latents = initial_noise(batch, seed, device, frames=frames or model_frames, size=size or model_size)  # float32
@@ -67,6 +66,13 @@ def sample(model, tokens: torch.Tensor, *, steps: int = 30, guidance: float = GU
         if on_step is not None:
             on_step(i)
     return latents.clamp(-1, 1)
+
+
+def make_scheduler(shift: float = SHIFT):
+    """The flow-matching scheduler the demo samples with (diffusers' ``FlowMatchEulerDiscreteScheduler``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 class AttentionTimer:
