@@ -76,14 +76,25 @@ class OracleResult:
         return read & (self.forced | ~(self.margin.abs() < tol))
 
 
+def max_rule_gain(tile_max: torch.Tensor, running_max: torch.Tensor) -> torch.Tensor:
+    """The ``"max"`` rule's per-row gain (log2 units): how far tile j raises the row's running max. With
+    running_max = -inf it is +inf: the first processed tile is always kept."""
+    return (tile_max - running_max) * LOG2E
+
+
+# criterion -> per-row gain; a tile is kept iff some row's gain exceeds the threshold.
+RULES = {"max": max_rule_gain}
+
+
 def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Optional[torch.Tensor], *,
                      threshold: float, tile_q: int, tile_k: int, scale: Optional[float] = None,
                      must_do: Sequence[Tuple[int, int]] = (),
-                     must_do_q: Sequence[Tuple[int, int]] = ()) -> OracleResult:
-    """The reference semantics, tile by tile, in float64.
+                     must_do_q: Sequence[Tuple[int, int]] = (), criterion: str = "max") -> OracleResult:
+    """The reference semantics, tile by tile, in float64, for the keep rule ``criterion`` (a key of RULES).
 
     q (B, Sq, H, D), k (B, Sk, H, D), v (B, Sk, H, Dv), read bool (B, H, Mq, Nk) or None (all tiles).
     """
+    gain_of = RULES[criterion]
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
     Mq, Nk = n_tiles(Sq, tile_q), n_tiles(Sk, tile_k)
@@ -116,8 +127,7 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Op
                     c0, c1 = tile_bounds(j, tile_k, Sk)
                     s = scale * (rows @ k64[b, c0:c1, h].T)  # (rows, cols)
                     tile_max = s.max(dim=1).values
-                    # (tmax - mprev) with mprev = -inf gives +inf: the first processed tile is always kept.
-                    gain = (tile_max - running_max) * LOG2E
+                    gain = gain_of(tile_max, running_max)
                     best = gain.max().item()
                     margin[b, h, i, j] = math.inf if best == math.inf else best - threshold
                     decision = bool((gain > threshold).any())
