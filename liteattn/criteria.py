@@ -1,11 +1,17 @@
 """The keep rule (``criterion``) and its ``threshold``, as data the backends read.
 
 A call with a write list decides, for every k-tile it computes, whether the next call computes it again
-(docs/DESIGN.md section 1). *How* it decides is the criterion; each backend implements each criterion in one
-small function (``torch_ref.KEEP_RULES`` and the Triton kernel's ``_keep``), selected by name here:
+(docs/DESIGN.md section 4). *How* it decides is the criterion; each backend implements each criterion in one
+small function (``torch_ref.keep_max_rule`` / ``keep_mass_rule`` and the Triton kernel's ``_keep``), selected by
+name here:
 
-- ``"max"`` (the reference implementation's rule, the default): keep tile j iff it raises some query row's
-  running score maximum by more than ``threshold`` (log2 units).
+- ``"max"`` (the reference implementation's rule, the default of ``LiteAttention``): keep tile j iff it raises some
+  query row's running score maximum by more than ``threshold`` (log2 units).
+- ``"mass"``: keep tile j iff some query row puts more than ``2**threshold`` of its attention on it, measured
+  against that row's log-sum-exp in the previous call of the layer (kept in ``SkipState.lse``); ``-10`` drops a tile
+  when no row puts more than 1/1024 of its attention on it. A row with no previous call measures against this
+  call's running log-sum-exp, which can only overstate a tile's share, so the first call of a run keeps more than
+  later ones. The first processed tile of each q-tile is always kept, as with ``"max"``, so no list runs empty.
 
 The threshold reaches the kernels as a 0-d float32 tensor on the inputs' device, loaded at run time, so a new value
 never recompiles anything (``torch.compile`` sees a tensor, not a constant). Values are checked once, on the
@@ -21,12 +27,14 @@ from typing import Dict
 
 import torch
 
-__all__ = ["CRITERIA", "DEFAULT_CRITERION", "check_criterion", "criterion_id", "check_threshold",
+__all__ = ["CRITERIA", "DEFAULT_CRITERION", "check_criterion", "criterion_id", "needs_lse", "check_threshold",
            "threshold_tensor"]
 
 # name -> the integer the Triton kernel takes as its CRITERION constexpr.
-CRITERIA: Dict[str, int] = {"max": 0}
+CRITERIA: Dict[str, int] = {"max": 0, "mass": 1}
 DEFAULT_CRITERION = "max"
+# Rules that measure against the previous call's log-sum-exp, which the skip state keeps for them.
+_NEEDS_LSE = ("mass",)
 
 
 def check_criterion(criterion) -> str:
@@ -39,6 +47,11 @@ def check_criterion(criterion) -> str:
 def criterion_id(criterion: str) -> int:
     """The kernel's constexpr for ``criterion``."""
     return CRITERIA[criterion]
+
+
+def needs_lse(criterion: str) -> bool:
+    """Whether ``criterion`` reads the previous call's log-sum-exp (``SkipState(with_lse=True)``)."""
+    return criterion in _NEEDS_LSE
 
 
 def check_threshold(threshold) -> float:

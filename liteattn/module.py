@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold
+from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold, needs_lse
 from .ops import check_inputs, lite_attention
 from .skip import SkipState, check_tile, fraction_skipped, normalize_ranges
 
@@ -33,7 +33,9 @@ class LiteAttention:
         max_batch_size: largest batch accepted (as in the reference implementation).
         tile_q, tile_k: skip-tile sizes in tokens (multiples of 16; 64 or 128 on CUDA unless ``backend="torch"``).
         backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
-        criterion: the keep rule (:mod:`liteattn.criteria`), default ``"max"`` as in the reference.
+        criterion: the keep rule (:mod:`liteattn.criteria`), default ``"max"`` as in the reference; ``"mass"``
+            keeps a tile on which some query row put more than ``2**threshold`` of its attention in the previous
+            call.
 
     Calling it: ``attn(q, k, v)`` with ``q (B, S, H, D)``, ``k (B, Sk, H, D)``, ``v (B, Sk, H, Dv)`` returns
     ``(B, S, H, Dv)`` in the input dtype, or ``(out, lse)`` with ``lse (B, H, S)`` float32 when
@@ -136,7 +138,8 @@ class LiteAttention:
             changed = ", ".join(f"{name} {before[name]} -> {after[name]}" for name in before
                                 if before[name] != after[name])
             logger.info("liteattn: re-initialising the skip state (%s)", changed)
-        self._state = SkipState(B, H, Sq, key.shape[1], self.tile_q, self.tile_k, must_skip, query.device)
+        self._state = SkipState(B, H, Sq, key.shape[1], self.tile_q, self.tile_k, must_skip, query.device,
+                                with_lse=needs_lse(self.criterion))
         self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32, device=query.device)
         self.computed_tiles = None
         return self._state
@@ -160,7 +163,7 @@ class LiteAttention:
             state = self._new_state(query, key, must_skip)
         read = state.read
         result = lite_attention(query, key, value, read=read, write=state.write, threshold=self._threshold_tensor,
-                                criterion=self.criterion, scale=scale, must_do=must_do_list,
+                                criterion=self.criterion, lse_state=state.lse, scale=scale, must_do=must_do_list,
                                 must_do_q=must_do_q_list, return_lse=return_softmax_lse, backend=self.backend)
         self.computed_tiles = read.kv_counts
         state.swap()

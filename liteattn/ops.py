@@ -76,30 +76,31 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
         raise ValueError(f"{name}.kv_indices and {name}.kv_counts must be contiguous (call .clone() on the list)")
 
 
-@torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts"))
+@torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts", "lse_state"))
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     read_indices: Optional[torch.Tensor], read_counts: Optional[torch.Tensor],
     write_indices: Optional[torch.Tensor], write_counts: Optional[torch.Tensor],
     must_do_k: Optional[torch.Tensor], must_do_q: Optional[torch.Tensor],
-    threshold: Optional[torch.Tensor], criterion: str,
+    threshold: Optional[torch.Tensor], criterion: str, lse_state: Optional[torch.Tensor],
     scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op torch.compile sees: inputs validated, backend chosen. lse is empty unless return_lse.
 
-    ``threshold`` is a 0-d float32 tensor (read by the kernels at run time) whenever there is a write list.
+    ``threshold`` is a 0-d float32 tensor (read by the kernels at run time) whenever there is a write list;
+    ``lse_state`` (B, H, Sq) float32 is read (the previous call's LSE) and overwritten with this call's.
     """
     if backend == "triton":
         from .backends.triton_launch import triton_attention
 
         out, lse = triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts,
                                     must_do_k, must_do_q, threshold, criterion_id(criterion), scale, tile_q, tile_k,
-                                    return_lse)
+                                    return_lse, lse_state=lse_state)
     else:
         read_dense = None if read_indices is None else dense_from_compact(read_indices, read_counts)
         keep = None if write_indices is None else torch.empty(write_indices.shape, dtype=torch.bool, device=q.device)
         out, lse = torch_ref.attention_forward(q, k, v, read_dense, keep, threshold, criterion, scale, tile_q, tile_k,
-                                               must_do_k, must_do_q, return_lse)
+                                               must_do_k, must_do_q, return_lse, lse_state)
         if keep is not None:
             compact_from_dense(keep, write_indices, write_counts)
     return out, (lse if lse is not None else q.new_empty(0, dtype=torch.float32))
@@ -107,7 +108,7 @@ def _attention_fwd(
 
 @_attention_fwd.register_fake
 def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, criterion,
-      scale, tile_q, tile_k, return_lse, backend):
+      lse_state, scale, tile_q, tile_k, return_lse, backend):
     B, Sq, H, _ = q.shape
     out = q.new_empty(B, Sq, H, v.shape[-1])
     lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -138,6 +139,7 @@ def lite_attention(
     write: Optional[SkipList] = None,
     threshold: Union[float, torch.Tensor] = -10.0,
     criterion: str = DEFAULT_CRITERION,
+    lse_state: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     must_do=None,
     must_do_q=None,
@@ -159,7 +161,11 @@ def lite_attention(
         threshold: log2 units, ``<= 0``; ``-inf`` keeps everything. A float, or a 0-d float32 tensor on the
             inputs' device that the kernel reads at run time (its value is not checked here).
         criterion: the keep rule (:mod:`liteattn.criteria`): ``"max"`` keeps a tile that raises some row's
-            running max by more than ``threshold``.
+            running max by more than ``threshold``; ``"mass"`` one on which some row puts more than
+            ``2**threshold`` of its attention.
+        lse_state: float32 ``(B, H, Sq)`` on the inputs' device, or None: the previous call's log-sum-exp, which
+            the ``"mass"`` rule measures against (NaN rows: this call's running one), overwritten with this call's
+            (``SkipState.lse`` keeps it between calls).
         scale: softmax scale, default ``1/sqrt(D)``.
         must_do: key-token ranges ``[(start, end), ...]`` (or flat ``[a0, b0, ...]``) whose k-tiles are
             never dropped.
@@ -185,6 +191,8 @@ def lite_attention(
             and read.kv_indices.data_ptr() == write.kv_indices.data_ptr()):
         raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
     threshold = threshold_tensor(threshold, q.device)  # a float is checked here
+    if lse_state is not None:
+        _check_lse_state(lse_state, q)
     must_do_k_tiles = _tiles_or_none(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
     must_do_q_tiles = _tiles_or_none(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
     name = backends.choose(backend, q, v, tile_q, tile_k)
@@ -193,9 +201,19 @@ def lite_attention(
         q, k, v,
         None if read is None else read.kv_indices, None if read is None else read.kv_counts,
         None if write is None else write.kv_indices, None if write is None else write.kv_counts,
-        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, scale, tile_q, tile_k, return_lse, name,
+        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, lse_state, scale, tile_q, tile_k, return_lse, name,
     )
     return (out, lse) if return_lse else out
+
+
+def _check_lse_state(lse_state, q) -> None:
+    B, Sq, H, _ = q.shape
+    if not isinstance(lse_state, torch.Tensor):
+        raise TypeError(f"lse_state must be a float32 tensor (B, H, Sq) or None, got {type(lse_state).__name__}")
+    if (lse_state.shape != (B, H, Sq) or lse_state.dtype != torch.float32 or lse_state.device != q.device
+            or not lse_state.is_contiguous()):
+        raise ValueError(f"lse_state must be a contiguous float32 (B, H, Sq) = {(B, H, Sq)} tensor on {q.device}, "
+                         f"got {lse_state.dtype} {tuple(lse_state.shape)} on {lse_state.device}")
 
 
 def _tiles_or_none(ranges, length: int, tile: int, device) -> Optional[torch.Tensor]:

@@ -76,23 +76,33 @@ class OracleResult:
         return read & (self.forced | ~(self.margin.abs() < tol))
 
 
-def max_rule_gain(tile_max: torch.Tensor, running_max: torch.Tensor) -> torch.Tensor:
-    """The ``"max"`` rule's per-row gain (log2 units): how far tile j raises the row's running max. With
-    running_max = -inf it is +inf: the first processed tile is always kept."""
-    return (tile_max - running_max) * LOG2E
+def max_rule_gain(s: torch.Tensor, running_max: torch.Tensor, reference_lse: torch.Tensor) -> torch.Tensor:
+    """The ``"max"`` rule's per-row gain (log2 units) for tile scores ``s (rows, cols)``: how far the tile raises
+    the row's running max. With running_max = -inf it is +inf: the first processed tile is always kept."""
+    return (s.max(dim=1).values - running_max) * LOG2E
+
+
+def mass_rule_gain(s: torch.Tensor, running_max: torch.Tensor, reference_lse: torch.Tensor) -> torch.Tensor:
+    """The ``"mass"`` rule's per-row gain (log2 units): log2 of the tile's share of the row's softmax mass,
+    ``sum_c exp(s_c - reference_lse)``. The first processed tile (running_max = -inf) is always kept: +inf."""
+    share = (torch.logsumexp(s, dim=1) - reference_lse) * LOG2E
+    return torch.where(running_max == -math.inf, math.inf, share)
 
 
 # criterion -> per-row gain; a tile is kept iff some row's gain exceeds the threshold.
-RULES = {"max": max_rule_gain}
+RULES = {"max": max_rule_gain, "mass": mass_rule_gain}
 
 
 def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Optional[torch.Tensor], *,
                      threshold: float, tile_q: int, tile_k: int, scale: Optional[float] = None,
                      must_do: Sequence[Tuple[int, int]] = (),
-                     must_do_q: Sequence[Tuple[int, int]] = (), criterion: str = "max") -> OracleResult:
+                     must_do_q: Sequence[Tuple[int, int]] = (), criterion: str = "max",
+                     lse_prev: Optional[torch.Tensor] = None) -> OracleResult:
     """The reference semantics, tile by tile, in float64, for the keep rule ``criterion`` (a key of RULES).
 
     q (B, Sq, H, D), k (B, Sk, H, D), v (B, Sk, H, Dv), read bool (B, H, Mq, Nk) or None (all tiles).
+    ``lse_prev`` (B, H, Sq), natural log: the previous call's LSE that the mass rule measures against; None or NaN
+    rows: this call's LSE over the tiles processed so far, this one included.
     """
     gain_of = RULES[criterion]
     B, Sq, H, D = q.shape
@@ -127,7 +137,12 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Op
                     c0, c1 = tile_bounds(j, tile_k, Sk)
                     s = scale * (rows @ k64[b, c0:c1, h].T)  # (rows, cols)
                     tile_max = s.max(dim=1).values
-                    gain = gain_of(tile_max, running_max)
+                    running_lse = torch.logaddexp(running_max + torch.log(row_sum), torch.logsumexp(s, dim=1))
+                    reference = running_lse
+                    if lse_prev is not None:
+                        previous = lse_prev[b, h, r0:r1].detach().cpu().double()
+                        reference = torch.where(torch.isnan(previous), running_lse, previous)
+                    gain = gain_of(s, running_max, reference)
                     best = gain.max().item()
                     margin[b, h, i, j] = math.inf if best == math.inf else best - threshold
                     decision = bool((gain > threshold).any())
@@ -185,23 +200,30 @@ def plain_attention(q, k, v, read: Optional[torch.Tensor], tile_q: int, tile_k: 
 
 
 def tile_margin(q, k, read: torch.Tensor, b: int, h: int, i: int, j: int, *, tile_q: int, tile_k: int,
-                threshold: float, scale: Optional[float] = None) -> float:
-    """The max rule's margin of one read tile, ``max_r (tmax_r(j) - mprev_r(j)) * log2(e) - threshold``, in float64
-    (the tile-by-tile walk of :func:`oracle_attention` for one (b, h, i), up to tile j), for shapes too large for
-    the whole oracle."""
+                threshold: float, scale: Optional[float] = None, criterion: str = "max",
+                lse_prev: Optional[torch.Tensor] = None) -> float:
+    """One read tile's margin, ``max_r gain_r(j) - threshold`` (RULES), in float64: the tile-by-tile walk of
+    :func:`oracle_attention` for one (b, h, i) up to tile j, for shapes too large for the whole oracle."""
     Sq, Sk = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     r0, r1 = tile_bounds(i, tile_q, Sq)
     rows = q[b, r0:r1, h].double()
-    running = torch.full((r1 - r0,), -math.inf, dtype=torch.float64, device=q.device)
+    running_max = torch.full((r1 - r0,), -math.inf, dtype=torch.float64, device=q.device)
+    running_lse = running_max.clone()
     for t in torch.nonzero(read[b, h, i]).flatten().tolist():
         if t > j:
             break
         c0, c1 = tile_bounds(t, tile_k, Sk)
-        tile_max = (scale * (rows @ k[b, c0:c1, h].double().T)).max(dim=1).values
+        s = scale * (rows @ k[b, c0:c1, h].double().T)
+        running_lse_after = torch.logaddexp(running_lse, torch.logsumexp(s, dim=1))
         if t == j:
-            return ((tile_max - running) * LOG2E).max().item() - threshold
-        running = torch.maximum(running, tile_max)
+            reference = running_lse_after
+            if lse_prev is not None:
+                previous = lse_prev[b, h, r0:r1].double().to(q.device)
+                reference = torch.where(torch.isnan(previous), running_lse_after, previous)
+            return RULES[criterion](s, running_max, reference).max().item() - threshold
+        running_max = torch.maximum(running_max, s.max(dim=1).values)
+        running_lse = running_lse_after
     raise ValueError(f"tile {j} is not in the read list of ({b}, {h}, {i})")
 
 
@@ -247,13 +269,13 @@ def assert_write_matches(write_dense: torch.Tensor, result: OracleResult, tol: f
 
 def check_call(q, k, v, read: Optional[torch.Tensor], out, lse=None, write_dense: Optional[torch.Tensor] = None, *,
                threshold: float, tile_q: int, tile_k: int, scale: Optional[float] = None,
-               must_do=(), must_do_q=()) -> OracleResult:
+               must_do=(), must_do_q=(), criterion: str = "max", lse_prev=None) -> OracleResult:
     """Check one call's output, LSE and write list against the oracle on the same read list.
 
     ``read`` is the bool (B, H, Mq, Nk) list the call computed (None = every tile).
     """
     res = oracle_attention(q, k, v, read, threshold=threshold, tile_q=tile_q, tile_k=tile_k, scale=scale,
-                           must_do=must_do, must_do_q=must_do_q)
+                           must_do=must_do, must_do_q=must_do_q, criterion=criterion, lse_prev=lse_prev)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1]), (out.dtype, out.shape)
     assert out.device == q.device
     base_out, base_lse = plain_attention(q, k, v, read, tile_q, tile_k, scale)

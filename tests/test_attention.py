@@ -27,8 +27,10 @@ def poison(lst: SkipList, seed: int = 0) -> None:
     lst.kv_counts.copy_(torch.randint(-3, nk + 4, lst.kv_counts.shape, generator=gen))
 
 
-def run_steps(seq, state: SkipState, threshold, *, must_do=(), must_do_q=(), scale=None):
-    """Run ``seq`` through ``lite_attention`` with ping-pong lists, checking every call.
+def run_steps(seq, state: SkipState, threshold, *, must_do=(), must_do_q=(), scale=None, criterion="max"):
+    """Run ``seq`` through ``lite_attention`` with ping-pong lists, checking every call against the oracle of
+    ``criterion`` (the mass rule measures against ``state.lse``, the previous call's LSE: build the state with
+    ``with_lse=True``).
 
     Returns the read lists (bool (B, H, Mq, Nk)) of every call plus the one the last call wrote.
     """
@@ -37,11 +39,16 @@ def run_steps(seq, state: SkipState, threshold, *, must_do=(), must_do_q=(), sca
         read = state.read.to_dense().clone()
         reads.append(read)
         poison(state.write, seed=n)
+        lse_prev = None if state.lse is None else state.lse.clone()
         out, lse = lite_attention(q, k, v, read=state.read, write=state.write, threshold=threshold, scale=scale,
-                                  must_do=must_do, must_do_q=must_do_q, return_lse=True, backend="torch")
+                                  must_do=must_do, must_do_q=must_do_q, return_lse=True, backend="torch",
+                                  criterion=criterion, lse_state=state.lse)
         state.write.check()  # a well-formed compact list, whatever garbage was there
         check_call(q, k, v, read, out, lse, state.write.to_dense(), threshold=threshold,
-                   tile_q=state.tile_q, tile_k=state.tile_k, scale=scale, must_do=must_do, must_do_q=must_do_q)
+                   tile_q=state.tile_q, tile_k=state.tile_k, scale=scale, must_do=must_do, must_do_q=must_do_q,
+                   criterion=criterion, lse_prev=lse_prev)
+        if state.lse is not None:  # the state now holds this call's LSE
+            assert torch.equal(state.lse, lse)
         state.swap()
     reads.append(state.read.to_dense().clone())
     return reads
@@ -53,12 +60,13 @@ def assert_monotone(reads):
         assert not (after & ~before).any(), f"call {n + 1} reads a tile that call {n} did not"
 
 
+@pytest.mark.parametrize("criterion", ["max", "mass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sequence_matches_oracle(dtype):
+def test_sequence_matches_oracle(dtype, criterion):
     seq = StructuredSequence(5, batch=2, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0),
                              dtype=dtype, seed=1)
-    state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=32)
-    reads = run_steps(seq, state, threshold=-6.0)
+    state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=32, with_lse=criterion == "mass")
+    reads = run_steps(seq, state, threshold=-6.0, criterion=criterion)
     assert_monotone(reads)
     sparsity = [1 - r.float().mean().item() for r in reads]
     assert sparsity[0] == 0.0 and sparsity[-1] > 0.1, sparsity  # structured inputs: real sparsity
@@ -67,10 +75,11 @@ def test_sequence_matches_oracle(dtype):
 @pytest.mark.parametrize("seq_q,seq_k", [(97, 250), (250, 97), (300, 300), (250, 300)])
 @pytest.mark.parametrize("tile_q,tile_k", [(16, 16), (32, 64), (64, 32), (128, 128)])
 def test_lengths_and_tiles(seq_q, seq_k, tile_q, tile_k):
+    criterion = ("max", "mass")[(tile_q // 16 + seq_k) % 2]  # about half of the cases each
     seq = StructuredSequence(3, batch=1, seq_q=seq_q, seq_k=seq_k, heads=2, head_dim=16, drift=0.3,
                              sharpness=(1.0, 3.0), seed=seq_q + seq_k + tile_q)
-    state = SkipState(1, 2, seq_q, seq_k, tile_q=tile_q, tile_k=tile_k)
-    assert_monotone(run_steps(seq, state, threshold=-4.0))
+    state = SkipState(1, 2, seq_q, seq_k, tile_q=tile_q, tile_k=tile_k, with_lse=criterion == "mass")
+    assert_monotone(run_steps(seq, state, threshold=-4.0, criterion=criterion))
 
 
 def test_first_call_without_lists_is_dense():
@@ -275,3 +284,34 @@ def test_whole_tile_lengths_with_and_without_exp_underflow(q_gain):
     seq = [(q * q_gain, k, v) for q, k, v in base]
     state = SkipState(1, 2, 256, 256, tile_q=32, tile_k=32)
     assert_monotone(run_steps(seq, state, threshold=-6.0))
+
+
+def test_mass_rule_extremes_and_its_first_call():
+    """-inf keeps every tile; 0 keeps only what must be kept (no tile holds more than all of a row's mass); the first
+    call of a run (no previous LSE) measures against its running LSE, which can only overstate a tile's share."""
+    seq = list(StructuredSequence(2, batch=1, seq_q=256, heads=2, head_dim=32, drift=0.2, sharpness=(1.0, 3.0)))
+    q, k, v = seq[0]
+    for threshold, expect in ((-math.inf, 8), (0.0, 1)):
+        state = SkipState(1, 2, 256, 256, 32, 32, with_lse=True)
+        lite_attention(q, k, v, read=state.read, write=state.write, threshold=threshold, criterion="mass",
+                       lse_state=state.lse, backend="torch")
+        assert (state.write.kv_counts == expect).all(), (threshold, state.write.kv_counts)
+        assert (state.write.kv_indices[..., 0] == 0).all()  # the first processed tile
+    # Measured against the exact LSE (the second call, same inputs) a tile's share is smaller than against the
+    # running LSE: the second call keeps a subset.
+    state = SkipState(1, 2, 256, 256, 32, 32, with_lse=True)
+    first = SkipList.full(1, 2, 256, 256, 32, 32)
+    for write in (state.write, first):
+        lite_attention(q, k, v, write=write, threshold=-8.0, criterion="mass", lse_state=state.lse, backend="torch")
+    assert not (first.to_dense() & ~state.write.to_dense()).any()
+    assert first.to_dense().sum() < state.write.to_dense().sum()
+
+
+def test_lse_state_is_checked():
+    q, k, v = structured_qkv(1, 100, 2, 16)
+    for bad, error in ((torch.zeros(1, 2, 99), ValueError), (torch.zeros(1, 2, 100, dtype=torch.float64), ValueError),
+                       ("lse", TypeError)):
+        with pytest.raises(error, match="lse_state must be"):
+            lite_attention(q, k, v, criterion="mass", lse_state=bad)
+    with pytest.raises(ValueError, match=r"criterion must be one of \['mass', 'max'\]"):
+        lite_attention(q, k, v, criterion="sum")

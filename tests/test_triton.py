@@ -31,22 +31,27 @@ def poisoned_write(read: SkipList) -> SkipList:
                     read.tile_k, read.seq_q, read.seq_k)
 
 
-def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None):
-    """One kernel call on ``read``, checked against the oracle (small shapes) or the float64 PyTorch backend with
-    the oracle's rule (production shapes); returns the kernel's write list."""
+def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None, criterion="max", lse_state=None):
+    """One kernel call on ``read`` with the keep rule ``criterion`` (the mass rule reads and rewrites
+    ``lse_state``), checked against the oracle (small shapes) or the float64 PyTorch backend with the oracle's rule
+    (production shapes); returns the kernel's write list."""
     write = poisoned_write(read)
-    kw = dict(threshold=threshold, must_do=must_do, must_do_q=must_do_q, return_lse=True)
-    out, lse = lite_attention(q, k, v, read=read, write=write, backend="triton", **kw)
+    lse_prev = None if lse_state is None else lse_state.clone()
+    kw = dict(threshold=threshold, must_do=must_do, must_do_q=must_do_q, return_lse=True, criterion=criterion)
+    out, lse = lite_attention(q, k, v, read=read, write=write, backend="triton", lse_state=lse_state, **kw)
+    if lse_state is not None:
+        assert torch.equal(lse_state, lse)
     write.check()
     read_dense, written = read.to_dense(), write.to_dense()
     tq, tk = read.tile_q, read.tile_k
     if q.shape[1] * k.shape[1] <= 1 << 20:
         check_call(q, k, v, read_dense, out, lse, written, threshold=threshold, tile_q=tq, tile_k=tk,
-                   must_do=must_do or (), must_do_q=must_do_q or ())
+                   must_do=must_do or (), must_do_q=must_do_q or (), criterion=criterion, lse_prev=lse_prev)
         return write
     ref = SkipList(torch.empty_like(read.kv_indices), torch.empty_like(read.kv_counts), tq, tk, read.seq_q,
                    read.seq_k)
-    ref_out, ref_lse = lite_attention(q.double(), k.double(), v.double(), read=read, write=ref, backend="torch", **kw)
+    ref_out, ref_lse = lite_attention(q.double(), k.double(), v.double(), read=read, write=ref, backend="torch",
+                                      lse_state=None if lse_prev is None else lse_prev.clone(), **kw)
     base_out, base_lse = plain_attention(q, k, v, read_dense, tq, tk)
     assert_within_rule(out, base_out, ref_out, OUT_FLOOR[q.dtype], f"output ({q.dtype})")
     assert_within_rule(lse, base_lse, ref_lse, LSE_FLOOR[q.dtype], f"lse ({q.dtype})")
@@ -54,17 +59,19 @@ def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None):
     diff = torch.nonzero(written != ref.to_dense()).tolist()
     assert len(diff) <= max(2, written.numel() // 100), f"{len(diff)} decisions differ"
     for b, h, i, j in diff:
-        m = tile_margin(q, k, read_dense, b, h, i, j, tile_q=tq, tile_k=tk, threshold=threshold)
+        m = tile_margin(q, k, read_dense, b, h, i, j, tile_q=tq, tile_k=tk, threshold=threshold,
+                        criterion=criterion, lse_prev=lse_prev)
         assert abs(m) < 1e-2, f"decision on tile ({b},{h},{i},{j}) differs with margin {m:.4f}"
     return write
 
 
-def run_steps(steps, B, Sq, H, D, tile_q, tile_k, dtype, threshold, seq_k=None, device=DEVICE, **kw):
+def run_steps(steps, B, Sq, H, D, tile_q, tile_k, dtype, threshold, seq_k=None, device=DEVICE, criterion="max",
+              **kw):
     seq_k = Sq if seq_k is None else seq_k
-    state = SkipState(B, H, Sq, seq_k, tile_q, tile_k, device=device)
+    state = SkipState(B, H, Sq, seq_k, tile_q, tile_k, device=device, with_lse=criterion == "mass")
     sparsities = []
     for q, k, v in StructuredSequence(steps, B, Sq, H, D, seq_k=seq_k, dtype=dtype, device=device, seed=Sq + D):
-        written = check_step(q, k, v, state.read, threshold, **kw)
+        written = check_step(q, k, v, state.read, threshold, criterion=criterion, lse_state=state.lse, **kw)
         state.write.kv_indices.copy_(written.kv_indices)
         state.write.kv_counts.copy_(written.kv_counts)
         state.swap()
@@ -74,14 +81,15 @@ def run_steps(steps, B, Sq, H, D, tile_q, tile_k, dtype, threshold, seq_k=None, 
 
 # -- CPU / interpreter (CI) and GPU alike: small shapes ------------------------------------------------
 
+@pytest.mark.parametrize("criterion", ["max", "mass"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Sq,Sk,tile_q,tile_k,D", [
     (250, 250, 64, 64, 32),     # tails on both sides
     (300, 200, 128, 64, 64),    # Sq != Sk, mixed tiles
     (256, 384, 64, 128, 16),    # exact multiples, tile_k 128 = two compute blocks
 ])
-def test_kernel_matches_torch_over_steps(dtype, Sq, Sk, tile_q, tile_k, D):
-    sparsities = run_steps(3, 2, Sq, 2, D, tile_q, tile_k, dtype, threshold=-5.0, seq_k=Sk)
+def test_kernel_matches_the_oracle_over_steps(dtype, Sq, Sk, tile_q, tile_k, D, criterion):
+    sparsities = run_steps(3, 2, Sq, 2, D, tile_q, tile_k, dtype, threshold=-5.0, seq_k=Sk, criterion=criterion)
     assert sparsities[-1] > 0.0, "structured inputs should give some sparsity"
     assert sparsities == sorted(sparsities)
 
@@ -124,13 +132,14 @@ def test_triton_refusals_are_clear():
 # -- GPU: production-like shapes, graphs, compile, no host sync ----------------------------------------
 
 @gpu
-@pytest.mark.parametrize("Sq,H,D,tile,dtype", [
-    (32760, 2, 128, 128, torch.bfloat16),   # Wan2.1 480p length, ragged tail
-    (17776, 2, 64, 128, torch.float16),     # CogVideoX length
-    (4000, 3, 128, 64, torch.bfloat16),     # 64-tiles
+@pytest.mark.parametrize("Sq,H,D,tile,dtype,criterion", [
+    (32760, 2, 128, 128, torch.bfloat16, "max"),   # Wan2.1 480p length, ragged tail
+    (32760, 2, 128, 128, torch.bfloat16, "mass"),
+    (17776, 2, 64, 128, torch.float16, "max"),     # CogVideoX length
+    (4000, 3, 128, 64, torch.bfloat16, "mass"),    # 64-tiles
 ])
-def test_gpu_production_shapes(Sq, H, D, tile, dtype):
-    sparsities = run_steps(3, 1, Sq, H, D, tile, tile, dtype, threshold=-8.0, device="cuda")
+def test_gpu_production_shapes(Sq, H, D, tile, dtype, criterion):
+    sparsities = run_steps(3, 1, Sq, H, D, tile, tile, dtype, threshold=-8.0, device="cuda", criterion=criterion)
     assert sparsities[-1] > 0.2
 
 

@@ -33,8 +33,14 @@ def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: tor
     return (tile_max - prev_max) * LOG2E > threshold
 
 
-# criterion name (liteattn.criteria.CRITERIA) -> its decision, per row.
-KEEP_RULES = {"max": keep_max_rule}
+def keep_mass_rule(tile_lse: torch.Tensor, reference_lse: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The ``"mass"`` criterion, per row: does tile j hold more than ``2**threshold`` of the row's attention?
+
+    ``tile_lse`` is the log-sum-exp of the row's scores over the tile's columns, ``reference_lse`` the row's
+    log-sum-exp it is measured against (the previous call's, or this call's running one); natural log. (The first
+    processed tile is kept besides, by the caller.)
+    """
+    return (tile_lse - reference_lse) * LOG2E > threshold
 
 
 def attention_forward(
@@ -44,27 +50,28 @@ def attention_forward(
     read_dense: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) or None = every tile
     keep_out: Optional[torch.Tensor],  # bool (B, H, Mq, Nk) to fill with keep(j), or None
     threshold: Optional[torch.Tensor],  # 0-d float32, log2 units (None when keep_out is None)
-    criterion: str,  # a key of KEEP_RULES
+    criterion: str,  # "max" or "mass" (liteattn.criteria)
     scale: float,
     tile_q: int,
     tile_k: int,
     must_do_k: Optional[torch.Tensor],  # bool (Nk,) k-tiles never dropped
     must_do_q: Optional[torch.Tensor],  # bool (Mq,) q-tiles that drop nothing
     return_lse: bool,
+    lse_state: Optional[torch.Tensor] = None,  # float32 (B, H, Sq): the previous call's LSE (NaN: none), overwritten
 ):
     """Returns ``(out (B, Sq, H, Dv) in q.dtype, lse (B, H, Sq) float32 or None)``.
 
-    ``keep_out`` receives ``keep(j) & read(j)`` (must-do applied), i.e. the next write list.
+    ``keep_out`` receives ``keep(j) & read(j)`` (must-do applied), i.e. the next write list. The mass rule measures
+    tiles against ``lse_state`` (rows holding NaN: against this call's running LSE), and ``lse_state`` then
+    receives this call's LSE.
     """
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
     Mq, Nk = -(-Sq // tile_q), -(-Sk // tile_k)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     device = q.device
-    keep_rule = KEEP_RULES[criterion]
-
     out = torch.empty(B, Sq, H, Dv, dtype=q.dtype, device=device)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device) if return_lse else None
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device) if return_lse or lse_state is not None else None
 
     # Rows per block: whole q-tiles, so the per-q-tile reduction of the decision stays in one block.
     block = _MAX_BLOCK_ELEMENTS_CPU if device.type == "cpu" else _MAX_BLOCK_ELEMENTS
@@ -96,11 +103,20 @@ def attention_forward(
                 row_tile = torch.arange(r1 - r0, device=device) // tile_q  # q-tile of each row, in block
                 read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
 
-                if keep_out is not None:
+                if keep_out is not None and criterion == "max":
                     tile_max = tiles.amax(-1)  # (h, rows, Nk)
                     seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
                     prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
-                    keep_rows = keep_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
+                    keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
+                elif keep_out is not None:  # "mass"
+                    tile_lse = tiles.logsumexp(-1).masked_fill(~read_rows, -math.inf)  # (h, rows, Nk)
+                    running = torch.logcumsumexp(tile_lse, dim=-1)  # this call's LSE up to tile j, in read order
+                    if lse_state is not None:
+                        previous = lse_state[b, hs, r0:r1].to(compute_dtype).unsqueeze(-1)  # (h, rows, 1)
+                        running = torch.where(torch.isnan(previous), running, previous)
+                    first = read_rows & (read_rows.cumsum(dim=-1) == 1)  # the first processed tile is always kept
+                    keep_rows = keep_mass_rule(tile_lse, running, threshold) | first
+                if keep_out is not None:
                     rows_pad = (t1 - t0) * tile_q - (r1 - r0)
                     keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)
                     keep = keep_rows.unflatten(1, (t1 - t0, tile_q)).any(dim=2)  # (h, mq, Nk)
@@ -130,4 +146,6 @@ def attention_forward(
                 out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
                 if lse is not None:
                     lse[b, hs, r0:r1] = (row_max + row_sum.log()).squeeze(-1).to(torch.float32)
-    return out, lse
+    if lse_state is not None:
+        lse_state.copy_(lse)
+    return out, (lse if return_lse else None)

@@ -47,9 +47,12 @@ def _set_block_shapes(nargs):
 @triton.jit
 def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start_n, seq_k, qk_scale,
                    TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
-                   TRACK_MAX: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Online softmax over the TILE_K keys from ``start_n``; returns the tile's row max too (log2 units)."""
+                   TRACK_MAX: tl.constexpr, TRACK_MASS: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Online softmax over the TILE_K keys from ``start_n``. Also returns, per row, the tile's max score (log2
+    units, with TRACK_MAX) and its sum of ``2**(s - m_i)`` relative to the running max ``m_i`` it returns (with
+    TRACK_MASS: the tile's share of the row's mass, at no extra exponential)."""
     tile_max = tl.full([TILE_Q], float("-inf"), tl.float32)
+    tile_l = tl.zeros([TILE_Q], tl.float32)
     for sub in tl.static_range(TILE_K // BLOCK_N):
         n0 = start_n + sub * BLOCK_N
         k = k_desc.load([kv_row + n0, k_col])
@@ -65,41 +68,53 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
         m_new = tl.maximum(m_i, block_max)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + p_sum
+        if TRACK_MASS:
+            tile_l = tile_l * alpha + p_sum
         acc = acc * alpha[:, None]
         v = v_desc.load([kv_row + n0, v_col])
         if UPCAST_DOT:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-    return acc, l_i, m_i, tile_max
+    return acc, l_i, m_i, tile_max, tile_l
 
 
 @triton.jit
-def _keep(tile_max, m_prev, threshold, CRITERION: tl.constexpr):
-    """The keep rule (docs/DESIGN.md section 1), per row, selected by ``CRITERION`` (liteattn.criteria.CRITERIA).
+def _keep(tile_max, m_prev, tile_l, m_i, l_i, lse_prev, threshold, CRITERION: tl.constexpr):
+    """The keep rule (docs/DESIGN.md section 4), per row, selected by ``CRITERION`` (liteattn.criteria.CRITERIA);
+    everything in log2 units. ``m_prev`` is -inf before the first tile, which is always kept.
 
-    0, ``"max"``: does this tile raise the running max by more than ``threshold`` (log2 units)? ``m_prev`` is
-    -inf before the first tile, so the first processed tile is always kept. (The PyTorch backend's twins are
-    ``torch_ref.KEEP_RULES``.)"""
-    tl.static_assert(CRITERION == 0, "unknown criterion")
-    return (tile_max - m_prev) > threshold
+    0, ``"max"``: does this tile raise the running max by more than ``threshold``?
+    1, ``"mass"``: does this tile hold more than ``2**threshold`` of the row's mass, measured against the previous
+    call's log-sum-exp ``lse_prev`` (NaN: against this call's running one, ``m_i + log2(l_i)``)?
+    (The PyTorch backend's twins are ``torch_ref.keep_max_rule`` and ``keep_mass_rule``.)"""
+    tl.static_assert((CRITERION == 0) | (CRITERION == 1), "unknown criterion")
+    if CRITERION == 0:
+        keep = (tile_max - m_prev) > threshold
+    else:
+        reference = tl.where(lse_prev == lse_prev, lse_prev, m_i + tl.math.log2(l_i))
+        # A share that underflowed to 0 in float32 counts as the smallest float, so that -inf keeps everything.
+        mass = tl.maximum(tl.math.log2(tile_l) + m_i - reference, -3.0e38)
+        keep = (mass > threshold) | (m_prev == float("-inf"))
+    return keep
 
 
 @triton.jit
 def _step(acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
-          write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+          write_row_ptr, must_do_k_ptr, keep_all, row_valid, lse_prev,
           TILE_Q: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr,
           WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, UPCAST_DOT: tl.constexpr, CRITERION: tl.constexpr):
     """Process k-tile ``j`` and flag it in the write row if it is kept."""
     m_prev = m_i
-    acc, l_i, m_i, tile_max = _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K,
-                                             seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N, MASK_COLS, WRITE_LIST,
-                                             UPCAST_DOT)
+    acc, l_i, m_i, tile_max, tile_l = _attend_k_tile(
+        acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, j * TILE_K, seq_k, qk_scale, TILE_Q, TILE_K, BLOCK_N,
+        MASK_COLS, WRITE_LIST and CRITERION == 0, WRITE_LIST and CRITERION == 1, UPCAST_DOT)
     if WRITE_LIST:
         # Keep iff the rule holds for some valid row. Each such row sets the tile's flag in the write row: no
         # cross-warp reduction, no barrier per tile (every writer stores the same 1).
-        keep_row = _keep(tile_max, m_prev, threshold, CRITERION) & row_valid
+        keep_row = _keep(tile_max, m_prev, tile_l, m_i, l_i, lse_prev, threshold, CRITERION) & row_valid
         tl.store(write_row_ptr + j + tl.zeros([TILE_Q], tl.int32), 1, mask=keep_row)
         must = keep_all
         if HAS_MUST_DO_K:
@@ -132,7 +147,7 @@ def compact_flags(write_idx_ptr, write_cnt_ptr, num_k_tiles, NK_POW2: tl.constex
 @triton.jit
 def _lite_attn_fwd(
     q_desc, k_desc, v_desc,  # 2-D descriptors over (B*S, H*D) views
-    o_ptr, lse_ptr,
+    o_ptr, lse_ptr, lse_state_ptr,
     read_idx_ptr, read_cnt_ptr, write_idx_ptr, write_cnt_ptr,
     must_do_k_ptr, must_do_q_ptr,
     stride_ob, stride_os, stride_oh,
@@ -142,7 +157,7 @@ def _lite_attn_fwd(
     BLOCK_N: tl.constexpr, NK_POW2: tl.constexpr,
     READ_LIST: tl.constexpr, WRITE_LIST: tl.constexpr, HAS_MUST_DO_K: tl.constexpr, HAS_MUST_DO_Q: tl.constexpr,
     RETURN_LSE: tl.constexpr, MASK_TAIL: tl.constexpr, USE_WHILE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    CRITERION: tl.constexpr,
+    CRITERION: tl.constexpr, HAS_LSE_STATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
     pid_bh = tl.program_id(1)
@@ -164,6 +179,10 @@ def _lite_attn_fwd(
         # The zeros above and the flags set below may come from different threads: order them.
         tl.debug_barrier()
         threshold = tl.load(threshold_ptr)  # a tensor read at run time: a new value never recompiles
+    lse_prev = tl.full([TILE_Q], float("nan"), tl.float32)
+    if HAS_LSE_STATE:  # the previous call's LSE of these rows (NaN: none), natural log -> log2 units
+        lse_prev = tl.load(lse_state_ptr + pid_bh.to(tl.int64) * seq_q + rows, mask=row_valid,
+                           other=float("nan")) * 1.4426950408889634
 
     q = q_desc.load([q_row, h * HEAD_DIM])
     if UPCAST_DOT:  # the interpreter's bf16 dot is wrong (triton 3.6); do it in fp32 there
@@ -199,7 +218,7 @@ def _lite_attn_fwd(
                 j = idx
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
-                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid, lse_prev,
                 TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
             idx += 1
     elif READ_LIST:
@@ -210,19 +229,19 @@ def _lite_attn_fwd(
             j_next = tl.load(read_row_ptr + idx + 1, mask=idx + 1 < n_main, other=0)
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
-                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid, lse_prev,
                 TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
     else:
         for j in tl.range(0, n_main):
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, j, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale, threshold,
-                write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                write_row_ptr, must_do_k_ptr, keep_all, row_valid, lse_prev,
                 TILE_Q, TILE_K, BLOCK_N, False, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
     if MASK_TAIL:
         if n_main < count:
             acc, l_i, m_i = _step(
                 acc, l_i, m_i, num_k_tiles - 1, q, k_desc, v_desc, kv_row, k_col, v_col, seq_k, qk_scale,
-                threshold, write_row_ptr, must_do_k_ptr, keep_all, row_valid,
+                threshold, write_row_ptr, must_do_k_ptr, keep_all, row_valid, lse_prev,
                 TILE_Q, TILE_K, BLOCK_N, True, WRITE_LIST, HAS_MUST_DO_K, UPCAST_DOT, CRITERION)
 
     # Rows that read no tile (l = 0) give 0 and lse = -inf, as the PyTorch backend does.
@@ -232,13 +251,17 @@ def _lite_attn_fwd(
     o_offs = (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + rows.to(tl.int64)[:, None] * stride_os + cols_v[None, :])
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None])
-    if RETURN_LSE:
+    if RETURN_LSE or HAS_LSE_STATE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_valid)
+        if RETURN_LSE:
+            tl.store(lse_ptr + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_valid)
+        if HAS_LSE_STATE:  # read above by this program only: overwriting it now is safe
+            tl.store(lse_state_ptr + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_valid)
 
 
 lite_attn_fwd = triton.autotune(
     configs=_configs(),
-    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_LIST", "MASK_TAIL"],
+    key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "TILE_Q", "TILE_K", "READ_LIST", "WRITE_LIST", "MASK_TAIL",
+         "CRITERION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_lite_attn_fwd)

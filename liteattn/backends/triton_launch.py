@@ -27,12 +27,13 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q,
                      threshold, criterion: int, scale: float, tile_q: int, tile_k: int, return_lse: bool,
-                     out=None, lse=None):
+                     out=None, lse=None, lse_state=None):
     """Launch the kernel. Lists are contiguous int32; must-do masks bool per tile; ``threshold`` a 0-d float32
     tensor (or None without a write list); ``criterion`` the kernel's id of the keep rule. Returns (out, lse).
 
     ``out`` (B, Sq, H, Dv) and ``lse`` (B, H, Sq) may be given, contiguous, to be written in place (the tests
-    poison them to see that every element is written)."""
+    poison them to see that every element is written). ``lse_state`` (B, H, Sq) float32, contiguous: read (the
+    previous call's LSE, for the mass rule) and overwritten with this call's."""
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
     mq, nk = -(-Sq // tile_q), -(-Sk // tile_k)
@@ -53,6 +54,7 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
         lite_attn_fwd[grid](
             q_desc, k_desc, v_desc,
             out, lse if lse is not None else _placeholder(q.device, torch.float32),
+            lse_state if lse_state is not None else _placeholder(q.device, torch.float32),
             read_indices if read_indices is not None else int_ph,
             read_counts if read_counts is not None else int_ph,
             write_indices if write_indices is not None else int_ph,
@@ -70,7 +72,7 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
             RETURN_LSE=return_lse, MASK_TAIL=Sk % tile_k != 0,
             USE_WHILE=q.device.type == "cpu",
             UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            CRITERION=criterion,
+            CRITERION=criterion, HAS_LSE_STATE=lse_state is not None,
         )
         if write_indices is not None:
             compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk),
