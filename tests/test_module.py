@@ -344,3 +344,25 @@ def test_seq_parallel_validation():
         sp.set_threshold(1.0)
     sp.enable_skip_optimization(False)
     assert not any(a.enable_skipping for a in sp.attns)
+
+
+def test_mass_criterion_keeps_the_previous_lse_in_the_state():
+    attn = LiteAttention(threshold=-8.0, tile_q=32, tile_k=32, backend="torch", criterion="mass")
+    assert "criterion='mass'" in repr(attn)
+    reads = []
+    for n, (q, k, v) in enumerate(make_seq(seed=7)):
+        state = attn.skip_state
+        read = fresh_read(1, 2, 300, 300, 32, 32) if state is None else state.read.to_dense().clone()
+        lse_prev = None if state is None else state.lse.clone()
+        if state is not None and n == 1:
+            assert torch.isfinite(lse_prev).all()  # the first call left its LSE
+        out, lse = attn(q, k, v, return_softmax_lse=True)
+        assert torch.equal(attn.skip_state.lse, lse)
+        check_call(q, k, v, read, out, lse, attn.skip_state.read.to_dense(), threshold=-8.0, tile_q=32, tile_k=32,
+                   criterion="mass", lse_prev=lse_prev)
+        reads.append(read)
+    assert attn.sparsity > 0.1
+    attn.reset_skip_state()
+    assert torch.isnan(attn.skip_state.lse).all()  # a new run has no previous call
+    with pytest.raises(ValueError, match="criterion"):
+        LiteAttention(criterion="sum")
