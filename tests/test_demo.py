@@ -118,3 +118,26 @@ def test_bad_options_exit_with_a_message_that_names_them(options, named, tmp_pat
     message = str(info.value.code)
     assert message.startswith("liteattn demo: ") and named in message, message
     assert not (tmp_path / "never").exists()  # nothing written
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_bad_device_names_the_option_whatever_torch_raises(error, monkeypatch, tmp_path):
+    """torch raises RuntimeError for an unknown device string in some versions and ValueError in others."""
+    import argparse
+
+    from liteattn.demo import run
+
+    real = torch.device
+
+    def device(spec=None, *rest):
+        if spec == "tpu":
+            raise error(f"unknown device {spec!r}")
+        return real(spec, *rest)
+
+    args = argparse.Namespace(threshold=-6.0, steps=1, guidance=1.0, seed=0, tile=128, prompts=None, num_prompts=1,
+                              device="tpu", out=str(tmp_path / "never"))
+    monkeypatch.setattr(run.torch, "device", device)
+    with pytest.raises(SystemExit) as info:
+        run._checked_arguments(args)
+    message = str(info.value.code)
+    assert message.startswith("liteattn demo: --device") and "tpu" in message, message

@@ -198,9 +198,11 @@ def _checked_arguments(args):
     from ..skip import check_tile
 
     try:
-        check_threshold(args.threshold)
-    except ValueError as exc:
+        threshold = check_threshold(args.threshold)
+    except (ValueError, TypeError) as exc:
         fail(f"--threshold: {exc}")
+    if math.isnan(threshold) or threshold > 0:  # (+inf too: the demo compares against dense, so it must keep tiles)
+        fail(f"--threshold must be <= 0 (log2 units) or -inf, got {args.threshold}")
     if args.steps < 1:
         fail(f"--steps must be at least 1, got {args.steps}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
@@ -221,7 +223,7 @@ def _checked_arguments(args):
         fail(f"--prompts: {exc}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):  # what torch raises for a bad device string varies by version
         fail(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
