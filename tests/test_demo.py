@@ -141,3 +141,78 @@ def test_bad_device_names_the_option_whatever_torch_raises(error, monkeypatch, t
         run._checked_arguments(args)
     message = str(info.value.code)
     assert message.startswith("liteattn demo: --device") and "tpu" in message, message
+
+
+# -- pictures (issue 15, item 5) ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads, tile", [(4, 128), (4, 64), (1, 128), (0, 128)])
+def test_skip_mask_figure_keeps_every_label_inside(heads, tile):
+    """skip_mask.png used to cut off its "key tile" axis labels at the bottom."""
+    from liteattn.demo.run import mask_figure
+
+    mq = data.FRAMES * data.SIZE * data.SIZE // 16 // tile
+    mask = torch.rand(heads, mq, mq) > 0.1 if heads else None  # 0: a layer without skip state
+    fig = mask_figure(mask, 3, -6.0, tile)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    inside = lambda extent: (box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0
+                             and extent.y1 <= box.y1)
+    labels = [t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label, ax.title, ax.texts and ax.texts[0])
+              if t and t.get_text()] + [fig._suptitle]
+    assert sum(t.get_text() == "key tile" for t in labels) == heads
+    for text in labels:
+        assert inside(text.get_window_extent(renderer)), (text.get_text(), text.get_window_extent(renderer), box)
+    for ax in fig.axes:  # everything drawn around each panel: tick labels too
+        assert inside(ax.get_tightbbox(renderer)), (ax.get_tightbbox(renderer), box)
+
+
+def _gif_frames(path):
+    import imageio.v2 as imageio
+    import numpy as np
+
+    return [np.asarray(frame)[..., :3] for frame in imageio.mimread(str(path))]
+
+
+def test_gif_rows_are_labelled_with_their_prompts(tmp_path):
+    """Each row of demo.gif sits under a band with its prompt's text (wrapped to the row's width)."""
+    from liteattn.demo.run import LINE_HEIGHT, write_gif
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.rand(2, 3, 2, 16, 16, generator=gen) * 2 - 1
+    lite = dense + 0.01
+    write_gif(tmp_path / "plain.gif", dense, lite, -6.0, scale=2)
+    prompts = ["red circle moving right", "yellow triangle moving up-left, green circle moving left, white square "
+                                          "moving up"]
+    write_gif(tmp_path / "labelled.gif", dense, lite, -6.0, scale=2, prompts=prompts)
+    plain, labelled = _gif_frames(tmp_path / "plain.gif"), _gif_frames(tmp_path / "labelled.gif")
+    assert len(plain) == len(labelled) == 2
+    row = 16 * 2  # a row's height: the video upscaled twice
+    assert plain[0].shape[0] == LINE_HEIGHT + 2 * row  # the column labels, then the rows
+    band = (labelled[0].shape[0] - plain[0].shape[0]) // 2  # one band per row, all the same height
+    assert labelled[0].shape[0] == plain[0].shape[0] + 2 * band
+    assert band >= 2 * LINE_HEIGHT  # the long prompt wraps: 96 pixels do not hold it on one line
+    top = LINE_HEIGHT
+    for n in range(2):
+        text = labelled[0][top:top + band]
+        assert (text.max(axis=2) > 100).mean() > 0.01, f"the band above row {n} is blank"
+        video = labelled[0][top + band:top + band + row].astype(int)
+        same = plain[0][LINE_HEIGHT + n * row:LINE_HEIGHT + (n + 1) * row].astype(int)
+        assert abs(video - same).mean() < 8  # the row itself, under its band (up to each GIF's palette)
+        top += band + row
+    with pytest.raises(ValueError, match="prompts"):
+        write_gif(tmp_path / "x.gif", dense, lite, -6.0, prompts=prompts[:1])
+
+
+def test_demo_gif_has_one_band_per_prompt(tmp_path):
+    """`liteattn demo` writes its prompts above the GIF's rows (one step, one prompt: the cheapest run)."""
+    out = tmp_path / "demo"
+    prompts = ["red circle moving right"]
+    assert main(["demo", "--steps", "1", "--prompts", *prompts, "--guidance", "1", "--device", "cpu",
+                 "--out", str(out), "--quiet"]) == 0
+    from liteattn.demo.run import LINE_HEIGHT
+
+    frame = _gif_frames(out / "demo.gif")[0]
+    assert frame.shape[0] == LINE_HEIGHT + (LINE_HEIGHT + 2) + data.SIZE * 2
+    band = frame[LINE_HEIGHT:2 * LINE_HEIGHT + 2]
+    assert (band.max(axis=2) > 100).mean() > 0.01

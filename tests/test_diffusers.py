@@ -409,6 +409,22 @@ def test_stats_and_plot(tmp_path):
     assert "LiteAttentionHandle(transformer: HunyuanVideoTransformer3DModel" in repr(handle)
 
 
+
+def test_plot_after_reset_raises_instead_of_writing_an_empty_plot(tmp_path):
+    """Issue 15: `handle.plot()` after `reset()` must not silently write an empty picture."""
+    pytest.importorskip("matplotlib")
+    model, inputs = tiny_wan()
+    handle = liteattn.enable(model, threshold=0.0, tile_q=TILE, tile_k=TILE)
+    with pytest.raises(ValueError, match="nothing to plot"):
+        handle.plot(tmp_path / "before.png")  # nothing has run since enable
+    cfg_loop(model, inputs(), timesteps=(900, 800))
+    assert handle.plot(tmp_path / "run.png")
+    handle.reset()
+    with pytest.raises(ValueError, match="nothing to plot.*reset"):
+        handle.plot(tmp_path / "after_reset.png")
+    assert not (tmp_path / "before.png").exists() and not (tmp_path / "after_reset.png").exists()
+    handle.disable()
+
 # -- the real pipeline loop ------------------------------------------------------------------------------------
 
 def tiny_wan_pipeline(two_stage=False):
