@@ -12,5 +12,7 @@
 
 # Chosen from the quality table in bench/RESULTS.md ("Demo model quality").
 DEFAULT_THRESHOLD = -6.0
-DEFAULT_STEPS = 12  # two prompts: about 4.5 minutes on two CPU cores
+# Two prompts, 12 steps on the CPU: under 2 minutes on two idle cores (README); `time liteattn demo --device cpu`
+# took 21 min 12 s on two cores shared with other work (load 4-7; see issue 15, item 1).
+DEFAULT_STEPS = 12
 DEFAULT_NUM_PROMPTS = 2
