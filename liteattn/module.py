@@ -185,16 +185,27 @@ class SeqParallelLiteAttention:
         self.attns = [LiteAttention(enable_skipping, threshold, max_batch_size, **kwargs) for _ in range(num_nodes)]
 
     def __call__(self, query, key, value, split_idx: int, scale: Optional[float] = None,
-                 return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None):
+                 return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None, must_do_q_list=None):
+        """As :meth:`LiteAttention.__call__`, on the ``split_idx``-th K/V shard: ``must_do_list`` and
+        ``must_skip_list`` are ranges of this shard's key tokens, ``must_do_q_list`` of the query tokens."""
         if isinstance(split_idx, bool) or not isinstance(split_idx, int) or not 0 <= split_idx < self.num_nodes:
             raise ValueError(f"split_idx must be an int in [0, {self.num_nodes}), got {split_idx!r}")
         return self.attns[split_idx](query, key, value, scale=scale, return_softmax_lse=return_softmax_lse,
-                                     must_do_list=must_do_list, must_skip_list=must_skip_list)
+                                     must_do_list=must_do_list, must_skip_list=must_skip_list,
+                                     must_do_q_list=must_do_q_list)
+
+    def __repr__(self) -> str:
+        first = self.attns[0]
+        states = ", ".join("none" if a.skip_state is None else str(tuple(a.skip_state.shape)) for a in self.attns)
+        return (f"SeqParallelLiteAttention(num_nodes={self.num_nodes}, enable_skipping={first.enable_skipping}, "
+                f"threshold={first.threshold}, tile_q={first.tile_q}, tile_k={first.tile_k}, "
+                f"backend={first.backend!r}, criterion={first.criterion!r}, states=[{states}])")
 
     def __getitem__(self, split_idx: int) -> LiteAttention:
         return self.attns[split_idx]
 
-    def set_threshold(self, threshold: float) -> None:
+    def set_threshold(self, threshold) -> None:
+        """Every shard's threshold (log2 units, <= 0, or -inf): a number or a one-element tensor."""
         for attn in self.attns:
             attn.set_threshold(threshold)
 

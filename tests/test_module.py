@@ -366,3 +366,33 @@ def test_mass_criterion_keeps_the_previous_lse_in_the_state():
     assert torch.isnan(attn.skip_state.lse).all()  # a new run has no previous call
     with pytest.raises(ValueError, match="criterion"):
         LiteAttention(criterion="sum")
+
+
+def test_seq_parallel_must_do_q_reaches_the_shard():
+    """`must_do_q_list` goes through to the shard's LiteAttention: the shard computes exactly what a single
+    LiteAttention with the same ranges computes, and the must-do q-tile keeps every tile."""
+    q, k, v = structured_qkv(1, 300, 2, 16, seed=11, sharpness=(1.0, 3.0))
+    shards = [(k[:, :180], v[:, :180]), (k[:, 180:], v[:, 180:])]
+    sp = SeqParallelLiteAttention(2, threshold=-3.0, tile_q=32, tile_k=32, backend="torch")
+    singles = [LiteAttention(threshold=-3.0, tile_q=32, tile_k=32, backend="torch") for _ in range(2)]
+    for step in range(3):
+        for idx, (ks, vs) in enumerate(shards):
+            out, lse = sp(q, ks, vs, idx, return_softmax_lse=True, must_do_q_list=[(193, 200)])
+            ref_out, ref_lse = singles[idx](q, ks, vs, return_softmax_lse=True, must_do_q_list=[(193, 200)])
+            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+            assert torch.equal(sp[idx].skip_state.read.to_dense(), singles[idx].skip_state.read.to_dense())
+    for idx in range(2):
+        final = sp[idx].skip_state.read.to_dense()
+        assert final[:, :, 6].all() and not final.all()  # q-tile 6 (rows 192..223) never drops a tile
+
+
+def test_seq_parallel_repr_and_tensor_threshold():
+    sp = SeqParallelLiteAttention(2, threshold=-5.0, tile_q=32, tile_k=64, backend="torch")
+    assert repr(sp) == ("SeqParallelLiteAttention(num_nodes=2, enable_skipping=True, threshold=-5.0, tile_q=32, "
+                        "tile_k=64, backend='torch', criterion='max', states=[none, none])")
+    q, k, v = structured_qkv(1, 100, 2, 16, seed=1)
+    sp(q, k[:, :70], v[:, :70], 1)
+    assert repr(sp).endswith("states=[none, (1, 2, 4, 2)])")
+    sp.set_threshold(torch.tensor(-2.0))  # as LiteAttention: a number or a one-element tensor
+    assert sp.threshold == -2.0 and all(a.threshold == -2.0 for a in sp.attns)
+    assert "threshold=-2.0" in repr(sp)
