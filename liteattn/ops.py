@@ -59,6 +59,42 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+# Whether a dispatch mode, a function mode or a functorch transform is active (private torch functions, stable for
+# years; should one go missing, every call takes the custom op).
+_WATCHERS = tuple(getattr(torch._C, name, lambda: True) for name in (
+    "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
+
+
+def _through_the_op(q, k, v) -> bool:
+    """Whether this call must go through the custom op ``liteattn::attention_fwd`` rather than call the op's
+    Python function (the same computation) directly.
+
+    Plain eager calls skip the dispatcher: PyTorch wraps a custom op's kernel in a guard that imports
+    torch._dynamo on the op's first call in a process (about 1.5 s on a CPU), which an eager sampling loop does not
+    need. The op is used whenever something watches or transforms the call: torch.compile, export, jit.trace,
+    autograd (a backward must raise "no autograd formula"), autocast, functorch transforms (vmap, grad), dispatch
+    and function modes (FakeTensorMode, make_fx, FlopCounterMode, ``with torch.device(...)``), tensor subclasses,
+    and devices other than cpu and cuda (meta).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    tensors = (q, k, v)
+    if any(type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda") for t in tensors):
+        return True
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return torch.is_autocast_enabled(q.device.type) or any(watcher() for watcher in _WATCHERS)
+
+
+_DIRECT = {}  # custom op name -> its Python function
+
+
+def _plain_function(fn):
+    """Keeps the custom op's Python function for direct eager calls (:func:`_through_the_op`)."""
+    _DIRECT[fn.__name__] = fn
+    return fn
+
+
 def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
     if not isinstance(lst, SkipList):
         raise TypeError(f"{name} must be a liteattn.SkipList (e.g. SkipState.read), got {type(lst).__name__}")
@@ -77,6 +113,7 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
 
 
 @torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts", "lse_state"))
+@_plain_function
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     read_indices: Optional[torch.Tensor], read_counts: Optional[torch.Tensor],
@@ -197,7 +234,8 @@ def lite_attention(
     must_do_q_tiles = _tiles_or_none(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
     name = backends.choose(backend, q, v, tile_q, tile_k)
 
-    out, lse = torch.ops.liteattn.attention_fwd(
+    op = torch.ops.liteattn.attention_fwd if _through_the_op(q, k, v) else _DIRECT["_attention_fwd"]
+    out, lse = op(
         q, k, v,
         None if read is None else read.kv_indices, None if read is None else read.kv_counts,
         None if write is None else write.kv_indices, None if write is None else write.kv_counts,

@@ -396,3 +396,55 @@ def test_seq_parallel_repr_and_tensor_threshold():
     sp.set_threshold(torch.tensor(-2.0))  # as LiteAttention: a number or a one-element tensor
     assert sp.threshold == -2.0 and all(a.threshold == -2.0 for a in sp.attns)
     assert "threshold=-2.0" in repr(sp)
+
+
+# -- the eager path's imports (issue 15, item 6) -------------------------------------------------------------
+
+def test_eager_calls_do_not_import_dynamo():
+    """A plain eager call skips the custom op's dispatcher, whose kernel guard imports torch._dynamo (and sympy,
+    triton, ...: ~1.5 s) on the op's first call in a process. The module set is asserted, not the time."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, liteattn\n"
+            "q = torch.randn(1, 100, 2, 16)\n"
+            "attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32)\n"
+            "for _ in range(2): out, lse = attn(q, q, q, return_softmax_lse=True, must_do_list=[(0, 10)])\n"
+            "sp = liteattn.SeqParallelLiteAttention(2, tile_q=32, tile_k=32)\n"
+            "sp(q, q[:, :50], q[:, :50], 0, must_do_q_list=[(0, 16)])\n"
+            "liteattn.lite_attention(q, q, q, tile_q=32, tile_k=32)\n"
+            "heavy = ('torch._dynamo', 'torch._inductor', 'sympy')\n"
+            "print(sorted(p for p in heavy if any(m == p or m.startswith(p + '.') for m in sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_custom_op_still_runs_when_something_watches_the_call():
+    """Autograd (backward raises), dispatch modes (the op is one node) and the direct path agree."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, k, v = structured_qkv(1, 100, 2, 16, seed=2)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    direct, watched = (LiteAttention(threshold=-2.0, tile_q=32, tile_k=32, backend="torch") for _ in range(2))
+    for step in range(3):
+        out = direct(q, k, v)
+        with Ops() as ops:
+            ref = watched(q, k, v)
+        assert "liteattn.attention_fwd.default" in ops.seen
+        assert torch.equal(out, ref)
+        assert torch.equal(direct.skip_state.read.to_dense(), watched.skip_state.read.to_dense())
+    assert direct.sparsity > 0
+    qg = q.clone().requires_grad_()
+    out = LiteAttention(tile_q=32, tile_k=32, backend="torch")(qg, k, v)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
