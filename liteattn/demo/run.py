@@ -3,10 +3,10 @@
     liteattn demo --out liteattn_demo                 # CPU: a few minutes; CUDA: seconds
     liteattn demo --threshold -6 --steps 30 --prompts "red circle moving left" "blue square moving up"
 
-Writes to ``--out``: ``demo.gif`` (per prompt, under its text: dense | liteattn | |difference| x8), ``sparsity.png`` (per denoising
-step, each layer and the mean), ``skip_mask.png`` (one layer's computed tiles at the last step, each head) and
-``report.json``; prints the same numbers as a table. :func:`compare` is the measurement behind both the demo and
-``bench/demo_quality.py``.
+Writes to ``--out``: ``demo.gif`` (per prompt, under its text: dense | liteattn | |difference| x8),
+``sparsity.png`` (per denoising step, each layer and the mean), ``skip_mask.png`` (one layer's computed tiles at
+the last step, each head) and ``report.json``; prints the same numbers as a table. :func:`compare` is the
+measurement behind both the demo and ``bench/demo_quality.py``.
 """
 
 from __future__ import annotations
