@@ -8,12 +8,25 @@ prompt of that video. For every layer and head: the fraction of 128-token tiles 
 row's mass is below 1e-3 (as bench/attention_sparsity.py counts it), the effective number of keys a row attends to
 (``exp`` of the softmax entropy, averaged over rows), and the mass that falls within the same frame, within +-1
 frame, and within a space-time neighbourhood (+-3 tokens in y and x, +-2 frames). ``--frames`` / ``--size`` run the
-weights on other clip shapes (RoPE takes any size), a cheap forecast of what a longer or larger clip would give.
+weights on other clip shapes (RoPE takes any size), a cheap forecast of what a longer or larger clip would give;
+``--regions`` on a patchwork ground (liteattn/demo/textured.py).
+The ``qk scale`` column is the head's mean of ``norm_q.weight * norm_k.weight`` (1 at initialisation): its logits
+reach +-8 times that at most, and sharp local attention over 16k tokens needs about 2 (bench/LARGE_MODEL.md).
+
+``--rope-ceiling 1,2.25,4`` prints, for each qk scale, the most a purely positional head can reach (q = k, a
+constant vector put through the model's 3-D RoPE, its energy on the 1-4 highest frequencies of each axis, split
+evenly or 2:1:1 between frames and rows/columns): the ceiling that the q/k norm's scale sets (CPU: ~1 min a scale).
+
+``--binding`` also measures whether the prompt binds words to shapes: the swapped prompts of issue 14 and an
+unrelated one, sampled from the same noise, at the model's own size (``--binding-steps``, default 30) and at the
+reduced size of tests/test_demo_large.py (4 frames of 64x64, 4 steps, guidance 4; the test asks for > 0.02): the
+mean absolute difference of the swapped pair beside that of the unrelated pair. ``--json`` writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -49,18 +62,35 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
+    p.add_argument("--regions", type=int, default=None,
+                   help="textured data: ground regions per clip (default: the model's own data)")
     p.add_argument("--sigma", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=77)
     p.add_argument("--summary", action="store_true", help="only the tile sparsity per layer (faster)")
+    p.add_argument("--binding", action="store_true", help="also measure the prompt binding (swapped prompts)")
+    p.add_argument("--binding-steps", type=int, default=30)
+    p.add_argument("--json", default="")
+    p.add_argument("--rope-ceiling", default="", help="comma-separated qk scales: print the positional ceiling, exit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.rope_ceiling:
+        frames, size = args.frames or 16, args.size or 128
+        print(f"| qk scale | max logit | best tiles below 1e-3 (%), pure RoPE head, {frames}x{size}x{size} | "
+              f"frequencies per axis | frames:rows:columns |\n|---|---|---|---|---|")
+        for scale in (float(v) for v in args.rope_ceiling.split(",")):
+            best, top, split = rope_ceiling(scale, frames, size, device)
+            ratio = ":".join(map(str, split))
+            print(f"| {scale:g} | {8 * scale:.0f} | {100 * best:.1f} | {top} | {ratio} |", flush=True)
+        return 0
     model, source = bench.load(args.weights, args.checkpoint, device, torch.float32)
     frames, size = model.video_shape
     frames, size = args.frames or frames, args.size or size
     dataset = model.dataset
     shape_kw = {"size": size} if dataset.__name__.endswith("textured") else {}
+    if args.regions:
+        shape_kw["regions"] = args.regions
     scenes = dataset.sample_scenes(1, seed=args.seed, **shape_kw)
     x0 = dataset.render(scenes.to(device), frames=frames, size=size)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
@@ -68,6 +98,9 @@ def main(argv=None) -> int:
     patch = model.config["patch_size"]
     grid = (frames // patch[0], size // patch[1], size // patch[2])
     rows = []
+    from liteattn.demo.train import qk_norm_scale
+
+    scales = qk_norm_scale(model)
 
     class Probe:
         def __init__(self, inner, layer):
@@ -83,28 +116,91 @@ def main(argv=None) -> int:
                     share = bench.tile_max_share(q, k, [128])[128]
                     rows.append(dict(layer=self.layer, head="all", below_1e3=(share < 1e-3).float().mean().item()))
                 else:
-                    rows.extend(dict(layer=self.layer, **r) for r in head_stats(q, k, grid))
+                    rows.extend(dict(layer=self.layer, qk_scale=scales[self.layer][r["head"]], **r)
+                                for r in head_stats(q, k, grid))
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
 
     blocks = model.transformer.blocks
+    originals = [block.attn1.processor for block in blocks]
     for i, block in enumerate(blocks):
-        block.attn1.set_processor(Probe(block.attn1.processor, i))
-    with torch.no_grad():
-        model(x_t, torch.tensor([1000 * args.sigma], device=device), scenes.tokens)
+        block.attn1.set_processor(Probe(originals[i], i))
+    try:
+        with torch.no_grad():
+            model(x_t, torch.tensor([1000 * args.sigma], device=device), scenes.tokens)
+    finally:  # the probes see this one call only (not the binding samples)
+        for block, original in zip(blocks, originals):
+            block.attn1.set_processor(original)
     tokens = grid[0] * grid[1] * grid[2]
     print(f"\n{source}; {frames}x{size}x{size} ({tokens} tokens), sigma {args.sigma}, '{scenes.prompts()[0]}'\n")
     if args.summary:
-        print("| layer | tiles below 1e-3 (%) |\n|---|---|")
+        print("| layer | tiles below 1e-3 (%) | qk scale per head |\n|---|---|---|")
         for r in rows:
-            print(f"| {r['layer']} | {100 * r['below_1e3']:.1f} |")
+            print(f"| {r['layer']} | {100 * r['below_1e3']:.1f} | {' '.join(f'{v:.2f}' for v in scales[r['layer']])} |")
     else:
-        print("| layer | head | tiles below 1e-3 (%) | effective keys | same frame | +-1 frame | +-3 tokens, +-2 frames |")
-        print("|---|---|---|---|---|---|---|")
+        print("| layer | head | tiles below 1e-3 (%) | effective keys | same frame | +-1 frame | +-3 tokens, +-2 frames "
+              "| qk scale |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['layer']} | {r['head']} | {100 * r['below_1e3']:.1f} | {r['effective_keys']:.0f} | "
-                  f"{r['same_frame']:.2f} | {r['within_1_frame']:.2f} | {r['neighbourhood']:.2f} |")
-    print(f"| **mean** | | {100 * sum(r['below_1e3'] for r in rows) / len(rows):.1f} | | | | |")
+                  f"{r['same_frame']:.2f} | {r['within_1_frame']:.2f} | {r['neighbourhood']:.2f} | "
+                  f"{r['qk_scale']:.2f} |")
+    mean = sum(r['below_1e3'] for r in rows) / len(rows)
+    if args.summary:
+        print(f"| **mean** | {100 * mean:.1f} | |")
+    else:
+        print(f"| **mean** | | {100 * mean:.1f} | | | | | |")
+    result = dict(source, frames=frames, size=size, sigma=args.sigma, prompt=scenes.prompts()[0], heads=rows,
+                  qk_scale=scales, mean_below_1e3=mean)
+    if args.binding:
+        result["binding"] = binding(model, args.binding_steps)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def rope_ceiling(scale: float, frames: int = 16, size: int = 128, device="cpu", head_dim: int = 64):
+    """The best fraction of 128-token tiles below 1e-3 that a purely positional head reaches at this qk scale (the
+    product of the q and k norm weights): ``(fraction, frequencies per axis, split)``."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    rope = WanRotaryPosEmbed(head_dim, (1, 4, 4), 64)
+    cos, sin = (x.float().to(device) for x in rope(torch.zeros(1, 3, frames, size, size)))
+    tokens = cos.shape[1]
+    axes = [(0, rope.t_dim // 2), (rope.t_dim // 2, (rope.t_dim + rope.h_dim) // 2), ((rope.t_dim + rope.h_dim) // 2,
+                                                                                       head_dim // 2)]
+    best = (-1.0, 0, None)
+    for top in (1, 2, 3, 4):
+        for split in ((1, 1, 1), (2, 1, 1)):
+            energy = torch.zeros(head_dim // 2)
+            for (a, _), share in zip(axes, split):
+                energy[a:a + top] = head_dim * scale * share / sum(split) / top
+            c = torch.zeros(head_dim)
+            c[0::2] = energy.sqrt()  # |q|^2 = |k|^2 = 64 scale: the logit at zero offset is 8 scale
+            q = bench.RecordingProcessor._rotate(c.to(device).expand(1, tokens, 1, head_dim), cos, sin)
+            q = q[0].transpose(0, 1)
+            share = bench.tile_max_share(q, q, [128])[128]
+            best = max(best, ((share < 1e-3).float().mean().item(), top, split), key=lambda b: b[0])
+    return best
+
+
+SWAPPED = ("red circle moving right, blue square moving down", "red square moving right, blue circle moving down")
+OTHER = "green triangle moving up"
+
+
+def binding(model, steps: int) -> dict:
+    """Mean absolute difference between videos of the swapped prompts (and of an unrelated one), same noise."""
+    from liteattn.demo import data
+    from liteattn.demo.sample import sample
+
+    out = {}
+    for name, kw in (("full", dict(steps=steps)), ("test", dict(steps=4, guidance=4.0, frames=4, size=64))):
+        # One prompt a call: the sampler's noise for a video depends on its place in the batch.
+        videos = torch.cat([sample(model, data.tokenize([p]), seed=0, **kw) for p in list(SWAPPED) + [OTHER]])
+        swapped, other = (videos[0] - videos[1]).abs().mean().item(), (videos[0] - videos[2]).abs().mean().item()
+        out[name] = dict(kw, swapped=swapped, unrelated=other, ratio=swapped / max(other, 1e-12))
+        print(f"binding ({name}: {kw}): swapped prompts differ by {swapped:.4f} (mean abs), an unrelated prompt by "
+              f"{other:.4f}: ratio {swapped / max(other, 1e-12):.3f}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 compact checkpoints, and bench/attention_sparsity.py (CPU, tiny settings)."""
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -49,6 +50,19 @@ def test_textured_generator_is_deterministic_and_moves():
     # Texture: neighbouring pixels differ (no flat regions), and the camera moves the whole frame.
     assert (va[..., 1:] - va[..., :-1]).abs().mean() > 0.03
     assert ((va[:, :, 1:] - va[:, :, :-1]).abs().mean(dim=(1, 3, 4)) > 0.01).all()
+
+
+def test_textured_regions_make_a_patchwork_ground_and_keep_the_rest():
+    plain, one, many = (textured.sample_scenes(2, seed=5, size=32, regions=k) for k in (1, 1, 6))
+    assert plain.region is None and many.region.shape == (2, 6, 12)
+    a, b = textured.render(plain, frames=2, size=32), textured.render(one, frames=2, size=32)
+    c, d = (textured.render(textured.sample_scenes(2, seed=5, size=32, regions=6), frames=2, size=32) for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(c, d) and not torch.equal(a, c)  # regions=1 is the default ground
+    assert many.prompts() == plain.prompts() and c.min() >= -1 and c.max() <= 1
+    # The model's video settings bind the regions into its data set (training, samples and the bench scripts).
+    model = build_model(TINY, dict(layers=1, heads=2), dict(TINY_VIDEO, regions=6))
+    assert model.dataset.sample_scenes(1, seed=0, size=16).region.shape == (1, 6, 12)
+    assert model.dataset.__name__ == textured.__name__ and _tiny(positional=True).dataset is textured
 
 
 def test_positional_prompts_bind_words_to_shapes():
@@ -162,3 +176,53 @@ def test_attention_sparsity_records_every_layer_and_step_without_changing_the_vi
         for b, o in zip(blocks, originals):
             b.attn1.set_processor(o)
     assert torch.equal(plain, recorded)
+
+
+def test_qk_norm_options_set_the_attention_scale_and_survive_a_resume(tmp_path):
+    """--qk-norm-init sets every self-attention q/k norm weight of a fresh run (and only those); the learning-rate
+    multipliers are kept in the checkpoint and a resumed run uses them unless told otherwise."""
+    from liteattn.demo import train
+
+    model = _tiny(positional=True)
+    names = [n for n, _ in model.named_parameters() if train._is_qk_norm(n)]
+    assert names == ["transformer.blocks.0.attn1.norm_q.weight", "transformer.blocks.0.attn1.norm_k.weight"]
+    assert train.qk_norm_scale(model) == [[1.0, 1.0]]
+    common = ["--frames", "2", "--size", "16", "--batch", "1", "--time-limit", "60", "--device", "cpu", "--warmup", "1"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    train.main(["--model", "large", "--init-from", "none", "--qk-norm-init", "1.5", "--qk-norm-lr-mult", "10",
+                "--text-lr-mult", "5", "--max-steps", "1", "--out", str(first)] + common)
+    state = json.loads((first / "state.json").read_text())
+    scale = [v for layer in state["qk_scale"] for v in layer]
+    assert len(scale) == 24 and all(abs(v - 2.25) < 0.05 for v in scale)
+    ema = train._load_split(first, "ema")
+    # One Adam step moves a weight by about its learning rate (default 4e-4): ten times that for the q/k norms,
+    # which start at 1.5; the cross-attention's norms keep the plain rate and their initial 1.
+    moved = (ema["transformer.blocks.0.attn1.norm_q.weight"].float() - 1.5).abs().amax().item()
+    assert 2e-3 < moved < 6e-3
+    assert (ema["transformer.blocks.0.attn2.norm_q.weight"].float() - 1.0).abs().amax().item() < 1.5e-3
+    train.main(["--resume", str(first), "--max-steps", "2", "--out", str(second)] + common)
+    state = json.loads((second / "state.json").read_text())
+    assert state["step"] == 2 and state["args"]["qk_norm_lr_mult"] == 10 and state["args"]["text_lr_mult"] == 5
+
+
+def test_locality_prior_starts_heads_local_but_the_last():
+    """--local-init: the same q and k bias on the highest rotary frequencies makes each head's positional logits
+    largest at zero offset (every token attends most to itself); the last head of a layer has no bias."""
+    from liteattn.demo import train
+
+    model = _tiny(positional=True)
+    train._locality_prior(model, 2.25)
+    attn = model.transformer.blocks[0].attn1
+    head_dim = 12
+    bias = attn.to_q.bias.detach().view(2, head_dim)
+    assert torch.equal(attn.to_q.bias, attn.to_k.bias) and not bias[1].any()
+    assert abs(bias[0].square().sum().item() - head_dim) < 1e-4
+    # q/k norm weights: the local head's share of the normalised vector is 256/local of the width, so its scale is
+    # g^2 x heads / local = 2.25 with 2 heads and 1 local.
+    assert abs(attn.norm_q.weight[0].item() ** 2 * 2 - 2.25) < 1e-5
+    cos, sin = model.transformer.rope(torch.zeros(1, 3, 2, 16, 16))
+    bench = _load_bench_script()
+    q = bench.RecordingProcessor._rotate(bias[0].expand(1, cos.shape[1], 1, head_dim), cos.float(), sin.float())
+    q = q[0, :, 0]
+    logits = q @ q.T
+    assert torch.equal(logits.argmax(-1), torch.arange(cos.shape[1]))

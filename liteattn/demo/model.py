@@ -102,7 +102,8 @@ class TinyWan(nn.Module):
     The small model's encoder is ``token_embedding`` alone (a bag of words). With ``text`` (``dict(layers, heads)``)
     it also has ``text_position`` (a learned embedding per prompt position) and ``text_blocks``
     (:class:`PromptBlock`). ``video`` (``dict(frames, size, data)``) says what the model draws: ``data`` is
-    ``"shapes"`` (:mod:`liteattn.demo.data`) or ``"textured"`` (:mod:`liteattn.demo.textured`).
+    ``"shapes"`` (:mod:`liteattn.demo.data`) or ``"textured"`` (:mod:`liteattn.demo.textured`; an optional
+    ``regions`` makes its ground a patchwork of that many textures).
     """
 
     def __init__(self, config: Optional[dict] = None, text: Optional[dict] = None, video: Optional[dict] = None):
@@ -128,10 +129,19 @@ class TinyWan(nn.Module):
 
     @property
     def dataset(self):
-        """The procedural data module the model was trained on (``sample_scenes``, ``render``)."""
+        """The procedural data module the model was trained on (``sample_scenes``, ``render``); for textured data
+        with ``video["regions"]`` > 1, the module with that many ground regions bound into ``sample_scenes``."""
         if self.video.get("data", "shapes") == "textured":
             from . import textured
 
+            regions = int(self.video.get("regions", 1))
+            if regions > 1:
+                import functools
+                import types
+
+                return types.SimpleNamespace(
+                    __name__=textured.__name__, FRAMES=textured.FRAMES, SIZE=textured.SIZE, render=textured.render,
+                    sample_scenes=functools.partial(textured.sample_scenes, regions=regions))
             return textured
         return data
 

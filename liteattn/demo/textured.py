@@ -22,6 +22,12 @@ its attention spreads over them (issue 14). Everything here has detail at the sc
 - **Light.** A directional gradient whose direction turns over the clip scales the ground (+-10-35%) and, at half
   strength, the shapes.
 
+- **Regions** (``regions=K`` > 1; default 1, the ground above). The ground is a patchwork: K region centres in world
+  coordinates (a Voronoi partition that the camera moves over like the rest of the world), each region with its
+  own texture kind, palette, orientation, period and grain. With one texture and palette per clip, a third of a
+  token's colour variance is the clip's mean (bench/LARGE_MODEL.md), which rewards attention heads that average
+  the whole clip; with regions, far tokens tell less about a token than its neighbours do.
+
 Deterministic by seed: the shapes come from ``data.sample_scenes(n, seed)`` and everything else from a second CPU
 generator seeded from ``seed``; rendering is a closed-form, vectorised function of the parameters (one
 ``grid_sample`` for the lattice noise), so the same seed draws the same video on any device, up to float rounding.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,9 @@ __all__ = ["FRAMES", "SIZE", "LATTICE", "TexturedScenes", "sample_scenes", "rend
 FRAMES, SIZE = 16, 128
 LATTICE = 128  # cells per side of the ground's random lattice (it covers what any camera path sees)
 _SECOND_STREAM = 0x5EED_7E47  # the texture generator's seed is seed ^ this, kept apart from the shapes' stream
+_THIRD_STREAM = 0x7E61_0A5  # the regions' generator (regions > 1 only: the default scenes draw nothing from it)
+# Columns of TexturedScenes.region: world centre x, y; texture kind; palette low RGB, high RGB; angle; period; grain.
+_REGION_COLUMNS = 12
 
 
 @dataclass
@@ -56,7 +65,8 @@ class TexturedScenes:
     strength. Camera: ``origin`` (N, 2) world point at the frame centre at t=0; ``pan`` (N, 2) px per frame;
     ``zoom`` (N,) log zoom per frame; ``roll`` (N,) radians per frame. Light: ``light`` (N, 3): strength, start
     angle, angular speed. Shapes: ``pattern`` int64 (N, 3) 0 stripes, 1 checks; ``pattern_period`` (N, 3) px;
-    ``pattern_angle`` (N, 3); ``pattern_contrast`` (N, 3).
+    ``pattern_angle`` (N, 3); ``pattern_contrast`` (N, 3). Regions: ``region`` (N, K, 12) or None (one ground):
+    per region its world centre (x, y), texture kind, palette (low RGB, high RGB), angle, period and grain.
     """
 
     shapes: data.Scenes
@@ -76,9 +86,11 @@ class TexturedScenes:
     pattern_period: torch.Tensor
     pattern_angle: torch.Tensor
     pattern_contrast: torch.Tensor
+    region: Optional[torch.Tensor] = None
 
     def to(self, device) -> "TexturedScenes":
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved.update({k: v.to(device) for k, v in moved.items() if v is not None})
         return TexturedScenes(**moved)
 
     def __len__(self) -> int:
@@ -93,11 +105,21 @@ class TexturedScenes:
         return self.shapes.tokens
 
 
-def sample_scenes(n: int, seed: int, *, max_shapes: int = data.MAX_SHAPES, size: int = SIZE) -> TexturedScenes:
+def _palette(u, *lead) -> torch.Tensor:
+    """Two dark, mostly grey palette colours (a little tint), far enough apart in brightness to make edges:
+    ``(*lead, 2, 3)``."""
+    grey = 0.06 + 0.26 * u(*lead, 2, 1)
+    grey[..., 1, :] = (grey[..., 0, :] + 0.10 + 0.15 * u(*lead, 1)).clamp(max=0.5)
+    return (grey * (0.8 + 0.4 * u(*lead, 2, 3))).clamp(0.02, 0.55)
+
+
+def sample_scenes(n: int, seed: int, *, max_shapes: int = data.MAX_SHAPES, size: int = SIZE,
+                  regions: int = 1) -> TexturedScenes:
     """``n`` random textured scenes, a deterministic function of ``seed`` (and ``n``); tensors on the CPU.
 
     The shapes and prompts are those of ``data.sample_scenes(n, seed)``, scaled from its frame size to ``size``
-    (render them at that size); the ground, camera and light do not depend on ``size``.
+    (render them at that size); the ground, camera and light do not depend on ``size``. ``regions`` > 1 makes the
+    ground a patchwork of that many textured regions (the rest of the scene is the same as with one).
     """
     shapes = data.sample_scenes(n, seed, max_shapes=max_shapes)
     scale = size / data.SIZE
@@ -108,10 +130,7 @@ def sample_scenes(n: int, seed: int, *, max_shapes: int = data.MAX_SHAPES, size:
     u = lambda *shape: torch.rand(*shape, generator=g)
     S = data.MAX_SHAPES
     ground_kind = torch.randint(0, 3, (n,), generator=g)
-    # Two dark, mostly grey palette colours (a little tint), far enough apart in brightness to make edges.
-    grey = 0.06 + 0.26 * u(n, 2, 1)
-    grey[:, 1] = (grey[:, 0] + 0.10 + 0.15 * u(n, 1)).clamp(max=0.5)
-    palette = (grey * (0.8 + 0.4 * u(n, 2, 3))).clamp(0.02, 0.55)
+    palette = _palette(u, n)
     lattice = u(n, 2, LATTICE, LATTICE)
     cell = 3.0 + 3.0 * u(n)
     period = 8.0 + 10.0 * u(n)
@@ -127,8 +146,16 @@ def sample_scenes(n: int, seed: int, *, max_shapes: int = data.MAX_SHAPES, size:
     pattern_period = 5.0 + 5.0 * u(n, S)
     pattern_angle = math.pi * u(n, S)
     pattern_contrast = 0.15 + 0.25 * u(n, S)
+    region = None
+    if regions > 1:  # centres spread over 1.5 frames around where the camera starts: about 5 of 12 in view
+        g3 = torch.Generator().manual_seed(int(seed) ^ _THIRD_STREAM)
+        w = lambda *shape: torch.rand(*shape, generator=g3)
+        centre = origin[:, None] + (w(n, regions, 2) - 0.5) * 1.5 * size
+        region = torch.cat([centre, torch.randint(0, 3, (n, regions, 1), generator=g3).float(),
+                            _palette(w, n, regions).flatten(2), math.pi * w(n, regions, 1),
+                            8.0 + 10.0 * w(n, regions, 1), 0.10 + 0.25 * w(n, regions, 1)], dim=2)
     return TexturedScenes(shapes, ground_kind, palette, lattice, cell, period, angle, grain, origin, pan, zoom, roll,
-                          light, pattern, pattern_period, pattern_angle, pattern_contrast)
+                          light, pattern, pattern_period, pattern_angle, pattern_contrast, region)
 
 
 def _smooth_edge(signed: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -161,10 +188,22 @@ def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> to
     fine = noise[:, 0].view(n, 2, frames, size, size)[:, 0]  # channel 0 read at the fine coordinates
     coarse = noise[:, 1].view(n, 2, frames, size, size)[:, 1]  # channel 1 read at the coarse ones
 
+    # The ground's parameters: one per clip, or per pixel from the region it falls in (the nearest centre).
+    kind, angle, period, grain = (col(x) for x in (scenes.ground_kind, scenes.angle, scenes.period, scenes.grain))
+    lo, hi = (scenes.palette[:, i].view(n, 3, 1, 1, 1) for i in (0, 1))
+    if scenes.region is not None:
+        centre = scenes.region[:, :, :2]  # (N, K, 2)
+        cx, cy = (centre[:, :, i, None, None, None] for i in (0, 1))
+        dist = (wx[:, None] - cx) ** 2 + (wy[:, None] - cy) ** 2  # (N, K, T, H, W)
+        index = dist.argmin(1)  # (N, T, H, W)
+        at = lambda c: torch.gather(scenes.region[:, :, c], 1, index.view(n, -1)).view_as(index)
+        kind, angle, period, grain = at(2).round().long(), at(9), at(10), at(11)
+        lo, hi = (torch.stack([at(c) for c in range(3 + 3 * i, 6 + 3 * i)], dim=1) for i in (0, 1))
+
     # Pattern coordinates, rotated by the ground's angle, in periods.
-    ca, sa = torch.cos(col(scenes.angle)), torch.sin(col(scenes.angle))
-    u_, v_ = (ca * wx + sa * wy) / col(scenes.period), (-sa * wx + ca * wy) / col(scenes.period)
-    edge = aa / col(scenes.period)  # anti-aliasing width in periods
+    ca, sa = torch.cos(angle), torch.sin(angle)
+    u_, v_ = (ca * wx + sa * wy) / period, (-sa * wx + ca * wy) / period
+    edge = aa / period  # anti-aliasing width in periods
     blotch = torch.sigmoid((fine - 0.5) * 14.0)
     # Tiles: alternate colours, a dark joint of 8% of the period along each tile edge.
     parity = torch.remainder(torch.floor(u_) + torch.floor(v_), 2.0)
@@ -174,11 +213,9 @@ def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> to
     # Stripes, warped by the coarse noise.
     wave = torch.sin(2 * math.pi * (u_ + 0.8 * coarse))
     stripes = _smooth_edge(-wave, 2 * math.pi * edge)
-    kind = col(scenes.ground_kind)
     mix = torch.where(kind == 0, blotch, torch.where(kind == 1, tiles, stripes))
-    lo, hi = (scenes.palette[:, i].view(n, 3, 1, 1, 1) for i in (0, 1))
     ground = lo + (hi - lo) * mix[:, None]
-    ground = ground * (1 + col(scenes.grain)[:, None] * (2 * fine[:, None] - 1) * (kind != 0).view(n, 1, 1, 1, 1))
+    ground = ground * (1 + grain[:, None] * (2 * fine[:, None] - 1) * (kind != 0)[:, None])
     ground = ground * torch.where(kind == 1, 1 - 0.7 * joint, torch.ones_like(joint))[:, None]
 
     # Light: a directional gradient across the frame whose direction turns over the clip.

@@ -21,6 +21,15 @@ encoder layers at identity. Its checkpoint is compact, so that it travels to and
 with the working tree): instead of float32 weights, ``delta_*.safetensors`` holds float16 ``weights - ema``
 (exact to ~1e-3 of that difference), and ``adam_sq8_*.safetensors`` the square root of Adam's second moments in
 float8 (e5m2, ~6% steps, with a float32 scale per tensor); 5 bytes a parameter in all, against 8.
+
+Sharp attention needs room in the logits: the transformer's q/k RMS norm fixes every head's ``|q|`` and ``|k|``
+to ``8 g`` (``g`` the norm's weight, 1 at initialisation), so that ``q.k / 8`` stays within ``+-8 g^2``. At
+``g = 1`` even an ideal, purely positional (RoPE) local head over 16 x 32 x 32 tokens leaves no more than 54% of
+its 128-token tiles below 1e-3 of any row's mass; at ``g = 1.5``, 81%; at ``g = 2``, 93% (bench/LARGE_MODEL.md).
+``--qk-norm-init`` sets the self-attention norms' weights of a fresh run, and ``--qk-norm-lr-mult`` lets them
+move faster than Adam's ``lr`` a step allows (3e-4 a step: +0.3 in 1000 steps at most). (Run 2 gave it that
+room, and the model did not use it: its broad heads are broad by choice. ``--local-init`` and ``--regions`` are
+the next tries; bench/LARGE_MODEL.md.)
 """
 
 from __future__ import annotations
@@ -165,6 +174,57 @@ def _init_from(model: TinyWan, path) -> str:
     return f"{len(match)} of {len(own)} tensors ({len(source) - len(match)} of the file's left out)"
 
 
+def _is_qk_norm(name: str) -> bool:
+    """The self-attention q/k RMS-norm weights (``transformer.blocks.<i>.attn1.norm_q.weight``, ``norm_k``)."""
+    return ".attn1.norm_q." in name or ".attn1.norm_k." in name
+
+
+def _locality_prior(model, scale: float, content: float = 0.25, top: int = 3, split=(2, 1, 1)) -> str:
+    """Start every self-attention head but the last of each layer as a local head: ``to_q`` and ``to_k`` get the
+    same bias, a vector on the ``top`` highest rotary frequencies of each axis (energy split ``split`` between
+    frames, rows and columns), so that ``q.k`` is a separable kernel of the token offset, largest at zero; their
+    weights are scaled by ``content`` (the content part, about 2% of the energy at initialisation, starts small),
+    and the q/k norm weights are set so that the local heads' qk scale is ``scale`` (bench/attention_heads.py shows
+    the norm weights' product, ``scale`` x 3/4 with 4 heads: the bias-free head takes no share of the norm). The
+    last head of each layer keeps no bias: it starts near uniform, a global head. With ``scale`` 2.25 a purely
+    positional head leaves 81% of the 128-token tiles of 16 x 32 x 32 tokens below 1e-3 (bench/attention_heads.py
+    --rope-ceiling); the large model starts at 58.8%. Training keeps this only where the loss wants it."""
+    rope = model.transformer.rope
+    bounds = [(0, rope.t_dim // 2), (rope.t_dim // 2, (rope.t_dim + rope.h_dim) // 2),
+              ((rope.t_dim + rope.h_dim) // 2, rope.attention_head_dim // 2)]
+    head_dim = rope.attention_head_dim
+    pattern = torch.zeros(head_dim)
+    for (start, end), share in zip(bounds, split):  # pairs (2i, 2i+1); frequencies fall along each axis's pairs
+        n = min(top, end - start)
+        pattern[2 * start:2 * (start + n):2] = (head_dim * share / sum(split) / n) ** 0.5  # |pattern|^2 = head_dim
+    with torch.no_grad():
+        for block in model.transformer.blocks:
+            attn = block.attn1
+            local = attn.heads - 1
+            bias = torch.cat([pattern] * local + [torch.zeros(head_dim)])
+            for proj in (attn.to_q, attn.to_k):
+                proj.weight.mul_(content)
+                proj.bias.copy_(bias)
+            # RMS norm across heads: a local head's part of the normalised vector has |q|^2 = 256 / local; the norm
+            # weight g makes its qk scale g^2 (256 / local) / 64.
+            g = (scale * head_dim / (attn.heads * head_dim / local)) ** 0.5
+            attn.norm_q.weight.fill_(g)
+            attn.norm_k.weight.fill_(g)
+    return (f"{local} of {attn.heads} heads a layer local (top {top} frequencies an axis, split {split}), qk scale "
+            f"{scale}, q/k norm weights {g:.3f}, content weights x{content}")
+
+
+def qk_norm_scale(model) -> List[List[float]]:
+    """Per layer and head, the mean over the head's channels of ``norm_q.weight * norm_k.weight``: the factor by
+    which the head's logits can exceed those of a fresh model (1 at initialisation)."""
+    out = []
+    for block in model.transformer.blocks:
+        attn = block.attn1
+        product = (attn.norm_q.weight * attn.norm_k.weight).detach().float().view(attn.heads, -1)
+        out.append([round(v, 3) for v in product.mean(-1).tolist()])
+    return out
+
+
 def _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device) -> torch.Tensor:
     with torch.autocast(device.type, dtype=torch.bfloat16):
         pred = forward(x_t, timestep, tokens)
@@ -185,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=None, help="large model: clip length (default 16; kept on resume)")
     p.add_argument("--size", type=int, default=None, help="large model: frame size in pixels, a multiple of 4 "
                                                            "(default 128; kept on resume)")
+    p.add_argument("--regions", type=int, default=None,
+                   help="large model: textured ground regions per clip (default 1: one texture; kept on resume)")
     p.add_argument("--out", help="checkpoint folder to write")
     p.add_argument("--resume", help="checkpoint folder to continue from")
     p.add_argument("--export", help="checkpoint folder whose EMA weights to write to --weights, then exit")
@@ -195,8 +257,19 @@ def main(argv=None) -> int:
                    help="training seconds over all runs; the cosine learning-rate schedule spans them")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--text-lr-mult", type=float, default=1.0,
-                   help="learning-rate multiplier for the large model's new prompt-encoder layers and positions")
+    p.add_argument("--text-lr-mult", type=float, default=None,
+                   help="learning-rate multiplier for the large model's new prompt-encoder layers and positions "
+                        "(default 1; a resumed run keeps its checkpoint's)")
+    p.add_argument("--qk-norm-lr-mult", type=float, default=None,
+                   help="learning-rate multiplier for the self-attention q/k RMS-norm weights, the attention's "
+                        "sharpness (default 1; a resumed run keeps its checkpoint's)")
+    p.add_argument("--local-init", type=float, default=None,
+                   help="fresh runs: start all self-attention heads but the last of each layer as local, purely "
+                        "positional (RoPE) heads at this qk scale (e.g. 2.25; sets the q/k norms, so it supersedes "
+                        "--qk-norm-init); see _locality_prior")
+    p.add_argument("--qk-norm-init", type=float, default=None,
+                   help="fresh runs: set the self-attention q/k RMS-norm weights to this value (after --init-from); "
+                        "logits reach +-8 x its square")
     p.add_argument("--warmup", type=int, default=300, help="warm-up steps (a resumed run warms up for a third)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -216,28 +289,43 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if args.resume:  # the checkpoint says which model it is
+    if args.resume:  # the checkpoint says which model it is, and which learning-rate multipliers it was trained with
         saved = json.loads((pathlib.Path(args.resume) / "state.json").read_text())
         args.model = "large" if saved.get("video", {}) and saved["video"].get("data") == "textured" else "small"
+        for key in ("text_lr_mult", "qk_norm_lr_mult"):
+            if getattr(args, key) is None:
+                setattr(args, key, saved.get("args", {}).get(key))
+    args.text_lr_mult = 1.0 if args.text_lr_mult is None else args.text_lr_mult
+    args.qk_norm_lr_mult = 1.0 if args.qk_norm_lr_mult is None else args.qk_norm_lr_mult
     large = args.model == "large"
     config, text, video = (CONFIG_LARGE, TEXT_LARGE, dict(VIDEO_LARGE)) if large else (CONFIG, None, None)
     if args.resume:
         video = saved.get("video") or video
-    if large and (args.frames or args.size):  # a resumed run may also change them: the weights fit any shape
-        video.update({k: v for k, v in (("frames", args.frames), ("size", args.size)) if v})
+    if large and (args.frames or args.size or args.regions):  # a resumed run may change them: the weights fit any
+        video.update({k: v for k, v in (("frames", args.frames), ("size", args.size), ("regions", args.regions)) if v})
     model = build_model(config, text, video)
     init_from = args.init_from if args.init_from is not None else (str(WEIGHTS) if large else "none")
     if not args.resume and init_from != "none":
         print(f"initialised from {init_from}: {_init_from(model, init_from)}", flush=True)
+    if not args.resume and args.local_init is not None:
+        print(f"locality prior: {_locality_prior(model, args.local_init)}", flush=True)
+    elif not args.resume and args.qk_norm_init is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if _is_qk_norm(name):
+                    param.fill_(args.qk_norm_init)
     model = model.to(device).train()
-    decay, no_decay, text_params = [], [], []
+    decay, no_decay, text_params, qk_norm = [], [], [], []
     for name, param in model.named_parameters():
         if name.startswith(("text_position", "text_blocks")):
             text_params.append(param)
+        elif _is_qk_norm(name):
+            qk_norm.append(param)
         else:
             (no_decay if param.ndim < 2 or "token_embedding" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": 0.01, "lr_mult": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+              {"params": qk_norm, "weight_decay": 0.0, "lr_mult": args.qk_norm_lr_mult}]
     if text_params:
         groups.append({"params": text_params, "weight_decay": 0.0, "lr_mult": args.text_lr_mult})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
@@ -295,8 +383,10 @@ def main(argv=None) -> int:
             now = time.perf_counter()
             mean = (loss_sum / loss_count).item()
             rate = loss_count * args.batch / (now - t_log)
+            scale = [v for layer in qk_norm_scale(model) for v in layer]
             entry = dict(step=state["step"], loss=round(mean, 5), lr=lr, samples_per_s=round(rate, 1),
-                         seconds=round(start_seconds + now - t0, 1))
+                         seconds=round(start_seconds + now - t0, 1),
+                         qk_scale=[round(min(scale), 2), round(sum(scale) / len(scale), 2), round(max(scale), 2)])
             state["log"].append(entry)
             print(json.dumps(entry), flush=True)
             loss_sum, loss_count, t_log = 0.0, 0, now
@@ -309,6 +399,7 @@ def main(argv=None) -> int:
                               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               compile=args.compile, video=model.video))
     state["args"] = vars(args)
+    state["qk_scale"] = qk_norm_scale(model)
     save_checkpoint(args.out, model, ema, optimizer, state, compact=large)
     print(f"saved {args.out}: step {state['step']} ({state['step'] - start_step} this run, "
           f"{(state['step'] - start_step) * args.batch / run_seconds:.0f} samples/s), "
