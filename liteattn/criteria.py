@@ -55,7 +55,9 @@ def needs_lse(criterion: str) -> bool:
 
 
 def check_threshold(threshold) -> float:
-    """The skip threshold in log2 units as a float: a real number <= 0, or -inf (keep every tile).
+    """The skip threshold in log2 units as a float: a real number <= 0, -inf (keep every tile) or +inf (keep only
+    what must be kept: the first processed tile of each q-tile and the must-do tiles, as the reference
+    implementation's attribute allows).
 
     Accepts Python numbers and one-element tensors (read on the host: call it when the value is set, not per call).
     """
@@ -67,8 +69,9 @@ def check_threshold(threshold) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a real number <= 0 (log2 units) or -inf, got {threshold!r}")
     threshold = float(threshold)
-    if math.isnan(threshold) or threshold > 0:
-        raise ValueError(f"threshold must be <= 0 (log2 units, typical -3 ... -12) or -inf, got {threshold}")
+    if math.isnan(threshold) or (threshold > 0 and threshold != math.inf):
+        raise ValueError(f"threshold must be <= 0 (log2 units, typical -3 ... -12), -inf (keep everything) or +inf "
+                         f"(keep only what must be kept), got {threshold}")
     return threshold
 
 

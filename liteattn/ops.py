@@ -239,7 +239,8 @@ def lite_attention(
         q, k, v,
         None if read is None else read.kv_indices, None if read is None else read.kv_counts,
         None if write is None else write.kv_indices, None if write is None else write.kv_counts,
-        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, lse_state, scale, tile_q, tile_k, return_lse, name,
+        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, lse_state, scale,
+        tile_q, tile_k, return_lse, name,
     )
     return (out, lse) if return_lse else out
 

@@ -145,7 +145,8 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read: Op
                     gain = gain_of(s, running_max, reference)
                     best = gain.max().item()
                     margin[b, h, i, j] = math.inf if best == math.inf else best - threshold
-                    decision = bool((gain > threshold).any())
+                    first = bool((running_max == -math.inf).all())  # the first processed tile: always kept
+                    decision = bool((gain > threshold).any()) or first
                     is_forced = j in must_do_k_tiles or i in must_do_q_tiles
                     forced[b, h, i, j] = is_forced
                     keep[b, h, i, j] = decision or is_forced

@@ -26,11 +26,11 @@ _MAX_BLOCK_ELEMENTS_CPU = 1 << 20
 def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """The ``"max"`` criterion, per row: does tile j raise the running max by more than ``threshold`` (log2)?
 
-    ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile,
-    which makes the first processed tile always kept. ``threshold`` is a 0-d tensor. (The Triton kernel's twin
-    is ``triton_kernel._keep``.)
+    ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile, which is
+    always kept (also at threshold +inf). ``threshold`` is a 0-d tensor. (The Triton kernel's twin is
+    ``triton_kernel._keep``.)
     """
-    return (tile_max - prev_max) * LOG2E > threshold
+    return ((tile_max - prev_max) * LOG2E > threshold) | (prev_max == -math.inf)
 
 
 def keep_mass_rule(tile_lse: torch.Tensor, reference_lse: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

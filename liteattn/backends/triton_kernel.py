@@ -84,7 +84,7 @@ def _attend_k_tile(acc, l_i, m_i, q, k_desc, v_desc, kv_row, k_col, v_col, start
 @triton.jit
 def _keep(tile_max, m_prev, tile_l, m_i, l_i, lse_prev, threshold, CRITERION: tl.constexpr):
     """The keep rule (docs/DESIGN.md section 4), per row, selected by ``CRITERION`` (liteattn.criteria.CRITERIA);
-    everything in log2 units. ``m_prev`` is -inf before the first tile, which is always kept.
+    everything in log2 units. ``m_prev`` is -inf before the first tile, which is always kept (also at +inf).
 
     0, ``"max"``: does this tile raise the running max by more than ``threshold``?
     1, ``"mass"``: does this tile hold more than ``2**threshold`` of the row's mass, measured against the previous
@@ -92,7 +92,7 @@ def _keep(tile_max, m_prev, tile_l, m_i, l_i, lse_prev, threshold, CRITERION: tl
     (The PyTorch backend's twins are ``torch_ref.keep_max_rule`` and ``keep_mass_rule``.)"""
     tl.static_assert((CRITERION == 0) | (CRITERION == 1), "unknown criterion")
     if CRITERION == 0:
-        keep = (tile_max - m_prev) > threshold
+        keep = ((tile_max - m_prev) > threshold) | (m_prev == float("-inf"))
     else:
         reference = tl.where(lse_prev == lse_prev, lse_prev, m_i + tl.math.log2(l_i))
         # A share that underflowed to 0 in float32 counts as the smallest float, so that -inf keeps everything.
