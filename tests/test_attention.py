@@ -315,3 +315,29 @@ def test_lse_state_is_checked():
             lite_attention(q, k, v, criterion="mass", lse_state=bad)
     with pytest.raises(ValueError, match=r"criterion must be one of \['mass', 'max'\]"):
         lite_attention(q, k, v, criterion="sum")
+
+
+def test_cpu_worker_pool_equals_one_block_at_a_time_and_restores_threads(monkeypatch):
+    """The CPU backend spreads its score blocks over single-threaded workers (robust on busy cores; speed lives in
+    bench/cpu_load.py). The result must not depend on it, and the process's thread setting must come back."""
+    from liteattn.backends import torch_ref
+
+    q, k, v = structured_qkv(2, 700, 3, 32, seed=11, sharpness=(1.0, 3.0))
+    state = SkipState(2, 3, 700, 700, 64, 64)
+    lite_attention(q, k, v, read=state.read, write=state.write, threshold=-4.0, backend="torch")
+    state.swap()  # a read list with holes: the masked path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        write_pool = SkipList.full(2, 3, 700, 700, 64, 64)
+        pooled = lite_attention(q, k, v, read=state.read, write=write_pool, threshold=-4.0, return_lse=True,
+                                backend="torch")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(torch_ref, "_run_blocks", lambda run, blocks, device: [run(b) for b in blocks])
+        write_serial = SkipList.full(2, 3, 700, 700, 64, 64)
+        serial = lite_attention(q, k, v, read=state.read, write=write_serial, threshold=-4.0, return_lse=True,
+                                backend="torch")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(pooled[0], serial[0]) and torch.equal(pooled[1], serial[1])
+    assert torch.equal(write_pool.to_dense(), write_serial.to_dense())

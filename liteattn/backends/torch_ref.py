@@ -9,7 +9,8 @@ kernel and the CPU path.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +22,37 @@ LOG2E = 1.4426950408889634
 # H=4, D=64, fp32, two cores: 344 vs 522 ms; SDPA 187 ms).
 _MAX_BLOCK_ELEMENTS = 1 << 25
 _MAX_BLOCK_ELEMENTS_CPU = 1 << 20
+
+
+def _run_blocks(run_block: Callable, blocks: list, device: torch.device) -> None:
+    """Run the independent score blocks: in order, or, on a CPU with several threads, spread over a pool of
+    single-threaded workers.
+
+    PyTorch's own CPU parallelism splits every elementwise op of a block across its OpenMP threads: a dozen short
+    parallel regions per block, each ending in a barrier where threads spin. When other processes hold the cores, a
+    thread that is descheduled stalls every barrier: one call at the demo's shape took 11 s instead of 0.3 s on a
+    busy two-core machine. Whole blocks per worker thread (each op single-threaded, the GIL released inside them)
+    have no barriers to stall, and keep the cores busy when the machine is idle (bench/cpu_load.py measures both).
+    """
+    workers = min(torch.get_num_threads(), len(blocks)) if device.type == "cpu" else 1
+    if workers <= 1 or torch.compiler.is_compiling():
+        for block in blocks:
+            run_block(block)
+        return
+    threads = torch.get_num_threads()
+
+    def single_threaded(chunk):
+        torch.set_num_threads(1)  # this worker's own OpenMP setting
+        for block in chunk:
+            run_block(block)
+
+    chunks = [blocks[i::workers] for i in range(workers)]
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="liteattn") as pool:
+            for future in [pool.submit(single_threaded, chunk) for chunk in chunks]:
+                future.result()  # re-raises a worker's exception
+    finally:
+        torch.set_num_threads(threads)  # what the workers' setting changed process-wide, back as it was
 
 
 def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -80,7 +112,9 @@ def attention_forward(
     pad_k = Nk * tile_k - Sk
     # Below this, exp would leave the normal floats (-86.3 in fp32, -707.4 in fp64).
     exp_floor = math.log(torch.finfo(compute_dtype).tiny) + 1.0
+    exp_tiny = math.exp(exp_floor) * 1.001  # exp of a clamped argument lies below this: such a weight becomes 0
 
+    blocks = []  # (b, heads, keys^T, values, first q-tile, last q-tile + 1): independent units of work
     for b in range(B):
         for h0 in range(0, H, heads_per_block):
             hs = slice(h0, min(H, h0 + heads_per_block))
@@ -88,64 +122,69 @@ def attention_forward(
             kb = torch.nn.functional.pad(k[b, :, hs].transpose(0, 1).to(compute_dtype), (0, 0, 0, pad_k))
             vb = torch.nn.functional.pad(v[b, :, hs].transpose(0, 1).to(compute_dtype), (0, 0, 0, pad_k))
             kbt = kb.transpose(1, 2)  # (h, D, Nk*tile_k)
-            for t0 in range(0, Mq, tiles_per_block):
-                t1 = min(Mq, t0 + tiles_per_block)
-                r0, r1 = t0 * tile_q, min(Sq, t1 * tile_q)
-                qb = q[b, r0:r1, hs].transpose(0, 1).to(compute_dtype)  # (h, rows, D)
-                scores = torch.baddbmm(qb.new_empty(()), qb, kbt, beta=0.0, alpha=scale)  # (h, rows, Nk*tile_k)
-                scores[..., Sk:] = -math.inf  # padding columns never contribute
-                tiles = scores.view(scores.shape[0], r1 - r0, Nk, tile_k)
+            blocks += [(b, hs, kbt, vb, t0, min(Mq, t0 + tiles_per_block)) for t0 in range(0, Mq, tiles_per_block)]
 
-                if read_dense is None:
-                    read_tiles = torch.ones(scores.shape[0], t1 - t0, Nk, dtype=torch.bool, device=device)
-                else:
-                    read_tiles = read_dense[b, hs, t0:t1]  # (h, mq, Nk)
-                row_tile = torch.arange(r1 - r0, device=device) // tile_q  # q-tile of each row, in block
-                read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
+    def run_block(block) -> None:
+        b, hs, kbt, vb, t0, t1 = block
+        r0, r1 = t0 * tile_q, min(Sq, t1 * tile_q)
+        qb = q[b, r0:r1, hs].transpose(0, 1).to(compute_dtype)  # (h, rows, D)
+        scores = torch.baddbmm(qb.new_empty(()), qb, kbt, beta=0.0, alpha=scale)  # (h, rows, Nk*tile_k)
+        scores[..., Sk:] = -math.inf  # padding columns never contribute
+        tiles = scores.view(scores.shape[0], r1 - r0, Nk, tile_k)
 
-                if keep_out is not None and criterion == "max":
-                    tile_max = tiles.amax(-1)  # (h, rows, Nk)
-                    seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
-                    prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
-                    keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
-                elif keep_out is not None:  # "mass"
-                    tile_lse = tiles.logsumexp(-1).masked_fill(~read_rows, -math.inf)  # (h, rows, Nk)
-                    running = torch.logcumsumexp(tile_lse, dim=-1)  # this call's LSE up to tile j, in read order
-                    if lse_state is not None:
-                        previous = lse_state[b, hs, r0:r1].to(compute_dtype).unsqueeze(-1)  # (h, rows, 1)
-                        running = torch.where(torch.isnan(previous), running, previous)
-                    first = read_rows & (read_rows.cumsum(dim=-1) == 1)  # the first processed tile is always kept
-                    keep_rows = keep_mass_rule(tile_lse, running, threshold) | first
-                if keep_out is not None:
-                    rows_pad = (t1 - t0) * tile_q - (r1 - r0)
-                    keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)
-                    keep = keep_rows.unflatten(1, (t1 - t0, tile_q)).any(dim=2)  # (h, mq, Nk)
-                    if must_do_k is not None:
-                        keep |= must_do_k
-                    if must_do_q is not None:
-                        keep |= must_do_q[t0:t1, None]
-                    keep_out[b, hs, t0:t1] = keep & read_tiles
+        if read_dense is None:
+            read_tiles = torch.ones(scores.shape[0], t1 - t0, Nk, dtype=torch.bool, device=device)
+        else:
+            read_tiles = read_dense[b, hs, t0:t1]  # (h, mq, Nk)
+        row_tile = torch.arange(r1 - r0, device=device) // tile_q  # q-tile of each row, in block
+        read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
 
-                # On the CPU a host check is free, and when the block reads every tile it saves the read mask's
-                # pass over the scores (and, below, the underflow passes when nothing underflows).
-                reads_all = read_dense is None or (device.type == "cpu" and bool(read_tiles.all()))
-                if not reads_all:
-                    tiles.masked_fill_(~read_rows.unsqueeze(-1), -math.inf)
-                # One exp pass: p = exp(s - m), l = sum p, out = p v / l, lse = m + log l.
-                row_max = scores.amax(dim=-1, keepdim=True)  # -inf where nothing is read
-                shifted = scores.sub_(row_max.clamp_min(torch.finfo(compute_dtype).min))
-                if device.type == "cpu" and reads_all and pad_k == 0 and bool(shifted.amin() >= exp_floor):
-                    probs = shifted.exp_()
-                else:
-                    # exp of arguments that underflow (and of -inf) takes a slow path on CPUs (30x); those terms
-                    # are below the smallest normal float, so they are set to exactly 0 instead.
-                    underflow = shifted < exp_floor
-                    probs = shifted.clamp_(min=exp_floor).exp_().masked_fill_(underflow, 0.0)
-                row_sum = probs.sum(dim=-1, keepdim=True)  # 0 where nothing is read
-                ob = torch.matmul(probs, vb).div_(row_sum.clamp_min(torch.finfo(compute_dtype).tiny))
-                out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
-                if lse is not None:
-                    lse[b, hs, r0:r1] = (row_max + row_sum.log()).squeeze(-1).to(torch.float32)
+        if keep_out is not None and criterion == "max":
+            tile_max = tiles.amax(-1)  # (h, rows, Nk)
+            seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
+            prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
+            keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
+        elif keep_out is not None:  # "mass"
+            tile_lse = tiles.logsumexp(-1).masked_fill(~read_rows, -math.inf)  # (h, rows, Nk)
+            running = torch.logcumsumexp(tile_lse, dim=-1)  # this call's LSE up to tile j, in read order
+            if lse_state is not None:
+                previous = lse_state[b, hs, r0:r1].to(compute_dtype).unsqueeze(-1)  # (h, rows, 1)
+                running = torch.where(torch.isnan(previous), running, previous)
+            first = read_rows & (read_rows.cumsum(dim=-1) == 1)  # the first processed tile is always kept
+            keep_rows = keep_mass_rule(tile_lse, running, threshold) | first
+        if keep_out is not None:
+            rows_pad = (t1 - t0) * tile_q - (r1 - r0)
+            keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)
+            keep = keep_rows.unflatten(1, (t1 - t0, tile_q)).any(dim=2)  # (h, mq, Nk)
+            if must_do_k is not None:
+                keep |= must_do_k
+            if must_do_q is not None:
+                keep |= must_do_q[t0:t1, None]
+            keep_out[b, hs, t0:t1] = keep & read_tiles
+
+        # On the CPU a host check is free, and when the block reads every tile it saves the read mask's
+        # pass over the scores (and, below, the underflow passes when nothing underflows).
+        reads_all = read_dense is None or (device.type == "cpu" and bool(read_tiles.all()))
+        if not reads_all:  # (an additive -inf bias broadcasts over the tile's columns 3x faster than masked_fill)
+            tiles.add_(torch.zeros_like(read_rows, dtype=compute_dtype).masked_fill_(~read_rows, -math.inf)
+                       .unsqueeze(-1))
+        # One exp pass: p = exp(s - m), l = sum p, out = p v / l, lse = m + log l.
+        row_max = scores.amax(dim=-1, keepdim=True)  # -inf where nothing is read
+        shifted = scores.sub_(row_max.clamp_min(torch.finfo(compute_dtype).min))
+        if device.type == "cpu" and reads_all and pad_k == 0 and bool(shifted.amin() >= exp_floor):
+            probs = shifted.exp_()
+        else:
+            # exp of arguments that underflow (and of -inf) takes a slow path on CPUs (30x); those terms
+            # are below the smallest normal float, so they are clamped, then set to exactly 0 in one pass. (Leaving
+            # them at exp_floor is 10x slower still: their products with v are subnormal, and the matmul crawls.)
+            probs = torch.nn.functional.threshold_(shifted.clamp_(min=exp_floor).exp_(), exp_tiny, 0.0)
+        row_sum = probs.sum(dim=-1, keepdim=True)  # 0 where nothing is read
+        ob = torch.matmul(probs, vb).div_(row_sum.clamp_min(torch.finfo(compute_dtype).tiny))
+        out[b, r0:r1, hs] = ob.transpose(0, 1).to(q.dtype)
+        if lse is not None:
+            lse[b, hs, r0:r1] = (row_max + row_sum.log()).squeeze(-1).to(torch.float32)
+
+    _run_blocks(run_block, blocks, device)
     if lse_state is not None:
         lse_state.copy_(lse)
     return out, (lse if return_lse else None)
