@@ -12,7 +12,8 @@
 
 # Chosen from the quality table in bench/RESULTS.md ("Demo model quality").
 DEFAULT_THRESHOLD = -6.0
-# Two prompts, 12 steps on the CPU: under 2 minutes on two idle cores (README); `time liteattn demo --device cpu`
-# took 21 min 12 s on two cores shared with other work (load 4-7; see issue 15, item 1).
+# Two prompts, 12 steps on the CPU: about 2 minutes on two idle cores (2 min 3 s, README). Before the CPU backend ran
+# its blocks on single-threaded workers, `time liteattn demo --device cpu` took 21 min on two cores shared with other
+# work (load 4-7; bench/RESULTS.md, "The CPU backend under load").
 DEFAULT_STEPS = 12
 DEFAULT_NUM_PROMPTS = 2
