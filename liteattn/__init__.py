@@ -11,7 +11,8 @@ The semantics (which tiles are skipped and when) are specified in docs/DESIGN.md
 from .joint import attention_with_lse, merge_by_lse
 from .module import LiteAttention, SeqParallelLiteAttention
 from .ops import lite_attention
-from .skip import SkipList, SkipState
+from .skip import SkipList
+from .state import SkipState
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,8 @@ import torch
 from . import backends
 from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold, needs_lse
 from .ops import check_inputs, lite_attention
-from .skip import SkipState, check_tile, fraction_skipped, normalize_ranges
+from .skip import check_tile, fraction_skipped, normalize_ranges
+from .state import SkipState
 
 logger = logging.getLogger("liteattn")
 
@@ -42,8 +43,8 @@ class LiteAttention:
     ``return_softmax_lse=True``.
 
     Under ``torch.compile`` the call is one custom op without graph breaks. The threshold is a 0-d device tensor
-    updated in place, and the ping-pong swap exchanges tensor attributes, so neither a new threshold nor the next
-    step recompiles. The first skipping call builds the state (in its graph, when compiled); the next call
+    updated in place and the skip state is updated in place, so neither a new threshold nor the next step
+    recompiles. The first skipping call builds the state (in its graph, when compiled); the next call
     compiles the steady state.
     """
 
@@ -161,12 +162,10 @@ class LiteAttention:
         state = self._state
         if state is None or not state.matches(B, H, Sq, key.shape[1], query.device, must_skip):
             state = self._new_state(query, key, must_skip)
-        read = state.read
-        result = lite_attention(query, key, value, read=read, write=state.write, threshold=self._threshold_tensor,
-                                criterion=self.criterion, lse_state=state.lse, scale=scale, must_do=must_do_list,
-                                must_do_q=must_do_q_list, return_lse=return_softmax_lse, backend=self.backend)
-        self.computed_tiles = read.kv_counts
-        state.swap()
+        result = lite_attention(query, key, value, state=state, threshold=self._threshold_tensor,
+                                criterion=self.criterion, scale=scale, must_do=must_do_list, must_do_q=must_do_q_list,
+                                return_lse=return_softmax_lse, backend=self.backend)
+        self.computed_tiles = state.counts  # what this call computed, until this layer's next call
         return result
 
 

@@ -15,6 +15,7 @@ import torch
 from . import backends
 from .backends import torch_ref
 from .criteria import DEFAULT_CRITERION, check_criterion, criterion_id, threshold_tensor
+from .state import SkipState, bits_from_dense, dense_from_bits
 from .skip import (SkipList, check_tile, compact_from_dense, dense_from_compact, normalize_ranges, num_tiles,
                    tiles_overlapping)
 
@@ -112,7 +113,8 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
         raise ValueError(f"{name}.kv_indices and {name}.kv_counts must be contiguous (call .clone() on the list)")
 
 
-@torch.library.custom_op("liteattn::attention_fwd", mutates_args=("write_indices", "write_counts", "lse_state"))
+@torch.library.custom_op("liteattn::attention_fwd",
+                         mutates_args=("read_counts", "write_indices", "write_counts", "bits", "lse_state"))
 @_plain_function
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,32 +122,50 @@ def _attention_fwd(
     write_indices: Optional[torch.Tensor], write_counts: Optional[torch.Tensor],
     must_do_k: Optional[torch.Tensor], must_do_q: Optional[torch.Tensor],
     threshold: Optional[torch.Tensor], criterion: str, lse_state: Optional[torch.Tensor],
-    scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
+    bits: Optional[torch.Tensor], scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op torch.compile sees: inputs validated, backend chosen. lse is empty unless return_lse.
 
     ``threshold`` is a 0-d float32 tensor (read by the kernels at run time) whenever there is a write list;
     ``lse_state`` (B, H, Sq) float32 is read (the previous call's LSE) and overwritten with this call's.
+    With ``bits`` (a SkipState's bitmask; ``read_indices`` and ``write_indices`` then None): the read list is
+    expanded from it into a transient compact list and ``read_counts``, the kept tiles are flagged in transient
+    flags and packed back into ``bits``. The transient buffers come from (and go back to) PyTorch's caching
+    allocator, so consecutive layers reuse one block: no persistent workspace.
     """
+    if backend == "triton" and bits is not None:
+        shape = (*bits.shape[:3], -(-k.shape[1] // tile_k))  # (B, H, Mq, Nk)
+        read_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
+        write_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
     if backend == "triton":
         from .backends.triton_launch import triton_attention
 
         out, lse = triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts,
                                     must_do_k, must_do_q, threshold, criterion_id(criterion), scale, tile_q, tile_k,
-                                    return_lse, lse_state=lse_state)
+                                    return_lse, lse_state=lse_state, bits=bits)
     else:
-        read_dense = None if read_indices is None else dense_from_compact(read_indices, read_counts)
-        keep = None if write_indices is None else torch.empty(write_indices.shape, dtype=torch.bool, device=q.device)
+        nk = -(-k.shape[1] // tile_k)
+        if bits is not None:
+            read_dense = dense_from_bits(bits, nk)
+            read_counts.copy_(read_dense.sum(-1, dtype=torch.int32))
+        else:
+            read_dense = None if read_indices is None else dense_from_compact(read_indices, read_counts)
+        keep = None
+        if bits is not None or write_indices is not None:
+            keep = torch.empty((*q.shape[:1], q.shape[2], -(-q.shape[1] // tile_q), nk), dtype=torch.bool,
+                               device=q.device)
         out, lse = torch_ref.attention_forward(q, k, v, read_dense, keep, threshold, criterion, scale, tile_q, tile_k,
                                                must_do_k, must_do_q, return_lse, lse_state)
-        if keep is not None:
+        if bits is not None:
+            bits.copy_(bits_from_dense(keep))
+        elif keep is not None:
             compact_from_dense(keep, write_indices, write_counts)
     return out, (lse if lse is not None else q.new_empty(0, dtype=torch.float32))
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, criterion,
-      lse_state, scale, tile_q, tile_k, return_lse, backend):
+      lse_state, bits, scale, tile_q, tile_k, return_lse, backend):
     B, Sq, H, _ = q.shape
     out = q.new_empty(B, Sq, H, v.shape[-1])
     lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -174,6 +194,7 @@ def lite_attention(
     *,
     read: Optional[SkipList] = None,
     write: Optional[SkipList] = None,
+    state: Optional[SkipState] = None,
     threshold: Union[float, torch.Tensor] = -10.0,
     criterion: str = DEFAULT_CRITERION,
     lse_state: Optional[torch.Tensor] = None,
@@ -185,7 +206,8 @@ def lite_attention(
     tile_q: Optional[int] = None,
     tile_k: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Attention over the k-tiles of ``read``, filling ``write`` with the tiles that still matter.
+    """Attention over the k-tiles of ``read``, filling ``write`` with the tiles that still matter; or, with
+    ``state``, over the tiles the state marks, narrowing them down to those that still matter.
 
     The one validated entry point of the core (:class:`liteattn.LiteAttention` calls it too); docs/DESIGN.md
     section 1 specifies what it computes.
@@ -195,6 +217,8 @@ def lite_attention(
             PyTorch backend), one device.
         read: the :class:`SkipList` to compute; ``None`` computes every tile (dense attention).
         write: the :class:`SkipList` to fill with the kept tiles of ``read``; ``None`` decides nothing.
+        state: a :class:`liteattn.SkipState` instead of ``read`` and ``write``: the call reads the tiles it marks
+            and leaves it marking the tiles kept (and its ``lse`` holding this call's, for the mass rule).
         threshold: log2 units, ``<= 0``; ``-inf`` keeps everything. A float, or a 0-d float32 tensor on the
             inputs' device that the kernel reads at run time (its value is not checked here).
         criterion: the keep rule (:mod:`liteattn.criteria`): ``"max"`` keeps a tile that raises some row's
@@ -217,16 +241,20 @@ def lite_attention(
     check_inputs(q, k, v)
     criterion = check_criterion(criterion)
     scale = _check_scale(scale, q.shape[-1])
-    tile_q, tile_k = _resolve_tiles(read, write, tile_q, tile_k)
     B, Sq, H, _ = q.shape
     Sk = k.shape[1]
+    if state is not None:
+        _check_state(state, q, k, read, write, lse_state, tile_q, tile_k)
+        tile_q, tile_k, lse_state = state.tile_q, state.tile_k, state.lse
+    else:
+        tile_q, tile_k = _resolve_tiles(read, write, tile_q, tile_k)
     for name, lst in (("read", read), ("write", write)):
         if lst is not None:
             _check_list(name, lst, q, k, tile_q, tile_k)
     # (data_ptr is opaque to torch.compile; the check runs in eager mode.)
     if (read is not None and write is not None and not torch.compiler.is_compiling() and q.device.type != "meta"
             and read.kv_indices.data_ptr() == write.kv_indices.data_ptr()):
-        raise ValueError("read and write must be different buffers (use SkipState.read and SkipState.write)")
+        raise ValueError("read and write must be different buffers")
     threshold = threshold_tensor(threshold, q.device)  # a float is checked here
     if lse_state is not None:
         _check_lse_state(lse_state, q)
@@ -235,14 +263,33 @@ def lite_attention(
     name = backends.choose(backend, q, v, tile_q, tile_k)
 
     op = torch.ops.liteattn.attention_fwd if _through_the_op(q, k, v) else _DIRECT["_attention_fwd"]
+    if state is not None:  # expanded into a transient list, flagged in transient flags, packed back into the bits
+        lists = (None, state.counts, None, None)
+    else:
+        lists = (None if read is None else read.kv_indices, None if read is None else read.kv_counts,
+                 None if write is None else write.kv_indices, None if write is None else write.kv_counts)
+    decides = write is not None or state is not None
     out, lse = op(
-        q, k, v,
-        None if read is None else read.kv_indices, None if read is None else read.kv_counts,
-        None if write is None else write.kv_indices, None if write is None else write.kv_counts,
-        must_do_k_tiles, must_do_q_tiles, None if write is None else threshold, criterion, lse_state, scale,
-        tile_q, tile_k, return_lse, name,
+        q, k, v, *lists, must_do_k_tiles, must_do_q_tiles, threshold if decides else None, criterion, lse_state,
+        None if state is None else state.bits, scale, tile_q, tile_k, return_lse, name,
     )
     return (out, lse) if return_lse else out
+
+
+def _check_state(state, q, k, read, write, lse_state, tile_q, tile_k) -> None:
+    if not isinstance(state, SkipState):
+        raise TypeError(f"state must be a liteattn.SkipState, got {type(state).__name__}")
+    if read is not None or write is not None or lse_state is not None:
+        raise ValueError("give either state or read/write/lse_state: the state holds its own lists and LSE")
+    for name, given, got in (("tile_q", tile_q, state.tile_q), ("tile_k", tile_k, state.tile_k)):
+        if given is not None and given != got:
+            raise ValueError(f"{name}={given} disagrees with the state's {name}={got}")
+    B, Sq, H, _ = q.shape
+    built = (state.batch, state.heads, state.seq_q, state.seq_k)
+    if built != (B, H, Sq, k.shape[1]):
+        raise ValueError(f"the state was built for (B, H, Sq, Sk) = {built}; these inputs are {(B, H, Sq, k.shape[1])}")
+    if state.device != q.device:
+        raise ValueError(f"the state is on {state.device} but the inputs are on {q.device}")
 
 
 def _check_lse_state(lse_state, q) -> None:

@@ -5,10 +5,9 @@ A :class:`SkipList` is one compact list in FlexAttention's BlockMask format::
     kv_indices  int32 (B, H, Mq, Nk)   ascending k-tile indices; entries at positions >= count are unspecified
     kv_counts   int32 (B, H, Mq)       how many entries of kv_indices are valid
 
-A :class:`SkipState` holds two of them and ping-pongs: a call reads ``state.read`` and fills
-``state.write``; ``state.swap()`` makes the written list the next call's read list.
-Both live on the device of the attention inputs; nothing here synchronises with the host
-except the inspection helpers (``to_dense``, ``sparsity``, ``__repr__``, ``check``).
+Lists live on the device of the attention inputs; nothing here synchronises with the host
+except the inspection helpers (``to_dense``, ``sparsity``, ``__repr__``, ``check``). A layer's
+persistent state between calls is a bitmask instead (:class:`liteattn.state.SkipState`).
 
 Token ranges (must-do / must-skip) are half-open ``[(start, end), ...]``; the flat form
 ``[a0, b0, a1, b1, ...]`` of the reference implementation is accepted too.
@@ -27,7 +26,6 @@ Ranges = Tuple[Tuple[int, int], ...]
 
 __all__ = [
     "SkipList",
-    "SkipState",
     "normalize_ranges",
     "tiles_overlapping",
     "tiles_covered",
@@ -188,7 +186,7 @@ def _keepdim_index(i, size: int, name: str):
 
 
 class SkipList:
-    """One compact skip list (FlexAttention BlockMask format), for one direction of the ping-pong.
+    """One compact skip list (FlexAttention BlockMask format): which k-tiles each (b, h, q-tile) computes.
 
     Attributes:
         kv_indices: int32 ``(B, H, Mq, Nk)``, ascending k-tile indices; positions ``>= count`` unspecified.
@@ -337,85 +335,4 @@ class SkipList:
             f"SkipList(batch={b}, heads={h}, seq_q={self.seq_q}, seq_k={self.seq_k}, "
             f"tile=({self.tile_q}, {self.tile_k}), tiles=({mq}, {nk}), sparsity={self.sparsity():.4f}, "
             f"device={self.device})"
-        )
-
-
-class SkipState:
-    """Double-buffered skip lists for one attention layer (ping-pong).
-
-    ``read`` is what the next call computes, ``write`` what it fills. ``swap()`` exchanges the two
-    :class:`SkipList` objects; nothing on the device moves, and under ``torch.compile`` the swap is a plain
-    attribute change (no Python integer for the graph to specialise on).
-
-    A keep rule that needs more than the lists (docs/DESIGN.md section 1: the planned mass rule reads the
-    previous call's log-sum-exp) keeps it here: ``lse`` is a float32 ``(B, H, Sq)`` buffer when ``with_lse``,
-    else None.
-    """
-
-    def __init__(self, batch: int, heads: int, seq_q: int, seq_k: int, tile_q: int = 128, tile_k: int = 128,
-                 must_skip=None, device=None, *, with_lse: bool = False):
-        for name, value in (("batch", batch), ("heads", heads), ("seq_q", seq_q), ("seq_k", seq_k)):
-            if _as_int(value, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("tile_q", tile_q), ("tile_k", tile_k)):
-            check_tile(name, _as_int(value, name))
-        self.batch, self.heads, self.seq_q, self.seq_k = batch, heads, seq_q, seq_k
-        self.tile_q, self.tile_k = tile_q, tile_k
-        self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
-        # Two allocations, not two views of one: compiled graphs would see aliased inputs and guard on their offsets.
-        self.read, self.write = (
-            SkipList(torch.empty(batch, heads, mq, nk, dtype=torch.int32, device=self.device),
-                     torch.empty(batch, heads, mq, dtype=torch.int32, device=self.device), tile_q, tile_k, seq_q, seq_k)
-            for _ in range(2))
-        self.lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=self.device) if with_lse else None
-        self.reset()
-
-    def reset(self) -> None:
-        """Back to the fresh state: both lists hold every tile not covered by a must-skip range."""
-        fresh = SkipList.full(self.batch, self.heads, self.seq_q, self.seq_k, self.tile_q, self.tile_k,
-                              self.device, self.must_skip)
-        for lst in (self.read, self.write):
-            lst.kv_indices.copy_(fresh.kv_indices)
-            lst.kv_counts.copy_(fresh.kv_counts)
-        if self.lse is not None:
-            self.lse.fill_(math.nan)  # no previous call
-
-    def swap(self) -> None:
-        """The list just written becomes the one the next call reads."""
-        self.read, self.write = self.write, self.read
-
-    def matches(self, batch: int, heads: int, seq_q: int, seq_k: int, device, must_skip) -> bool:
-        """Whether this state serves inputs of these sizes, on this device, with these (normalized) must-skip
-        ranges. (The lists do not depend on dtype or head dims.)"""
-        return ((self.batch, self.heads, self.seq_q, self.seq_k, self.device, self.must_skip)
-                == (batch, heads, seq_q, seq_k, device, must_skip))
-
-    @property
-    def shape(self) -> torch.Size:
-        """(B, H, Mq, Nk)."""
-        return self.read.shape
-
-    @property
-    def nbytes(self) -> int:
-        """Device memory held by this state's tensors, in bytes."""
-        tensors = [self.read.kv_indices, self.read.kv_counts, self.write.kv_indices, self.write.kv_counts]
-        tensors += [self.lse] if self.lse is not None else []
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def to_dense(self) -> torch.Tensor:
-        """bool ``(B, H, Mq, Nk)`` of the read list: True where the next call computes the tile."""
-        return self.read.to_dense()
-
-    def sparsity(self) -> float:
-        """Sparsity of the read list: the fraction of tile pairs the next call skips."""
-        return self.read.sparsity()
-
-    def __repr__(self) -> str:
-        b, h, mq, nk = self.shape
-        return (
-            f"SkipState(batch={b}, heads={h}, seq_q={self.seq_q}, seq_k={self.seq_k}, "
-            f"tile=({self.tile_q}, {self.tile_k}), tiles=({mq}, {nk}), must_skip={list(self.must_skip)}, "
-            f"read_sparsity={self.sparsity():.4f}, device={self.device})"
         )

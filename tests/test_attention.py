@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liteattn import SkipList, SkipState, lite_attention
+from liteattn import SkipList, lite_attention
 from liteattn.testing import StructuredSequence, structured_qkv
+from lists import ListPair
 from oracle import check_call, fresh_read, max_err, oracle_attention, overlapping_tiles
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -27,7 +28,7 @@ def poison(lst: SkipList, seed: int = 0) -> None:
     lst.kv_counts.copy_(torch.randint(-3, nk + 4, lst.kv_counts.shape, generator=gen))
 
 
-def run_steps(seq, state: SkipState, threshold, *, must_do=(), must_do_q=(), scale=None, criterion="max"):
+def run_steps(seq, state: ListPair, threshold, *, must_do=(), must_do_q=(), scale=None, criterion="max"):
     """Run ``seq`` through ``lite_attention`` with ping-pong lists, checking every call against the oracle of
     ``criterion`` (the mass rule measures against ``state.lse``, the previous call's LSE: build the state with
     ``with_lse=True``).
@@ -65,7 +66,7 @@ def assert_monotone(reads):
 def test_sequence_matches_oracle(dtype, criterion):
     seq = StructuredSequence(5, batch=2, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0),
                              dtype=dtype, seed=1)
-    state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=32, with_lse=criterion == "mass")
+    state = ListPair(2, 2, 300, 300, tile_q=32, tile_k=32, with_lse=criterion == "mass")
     reads = run_steps(seq, state, threshold=-6.0, criterion=criterion)
     assert_monotone(reads)
     sparsity = [1 - r.float().mean().item() for r in reads]
@@ -78,7 +79,7 @@ def test_lengths_and_tiles(seq_q, seq_k, tile_q, tile_k):
     criterion = ("max", "mass")[(tile_q // 16 + seq_k) % 2]  # about half of the cases each
     seq = StructuredSequence(3, batch=1, seq_q=seq_q, seq_k=seq_k, heads=2, head_dim=16, drift=0.3,
                              sharpness=(1.0, 3.0), seed=seq_q + seq_k + tile_q)
-    state = SkipState(1, 2, seq_q, seq_k, tile_q=tile_q, tile_k=tile_k, with_lse=criterion == "mass")
+    state = ListPair(1, 2, seq_q, seq_k, tile_q=tile_q, tile_k=tile_k, with_lse=criterion == "mass")
     assert_monotone(run_steps(seq, state, threshold=-4.0, criterion=criterion))
 
 
@@ -96,7 +97,7 @@ def test_first_call_without_lists_is_dense():
 
 def test_threshold_minus_inf_is_dense():
     seq = StructuredSequence(3, batch=1, seq_q=200, heads=2, head_dim=16, sharpness=(1.0, 3.0), seed=2)
-    state = SkipState(1, 2, 200, 200, 32, 32)
+    state = ListPair(1, 2, 200, 200, 32, 32)
     reads = run_steps(seq, state, threshold=-math.inf)
     assert all(r.all() for r in reads)
     q, k, v = next(iter(seq))
@@ -135,7 +136,7 @@ def test_rows_that_read_nothing():
 
 def test_custom_scale_and_value_dim():
     q, k, v = structured_qkv(1, 150, 3, 32, seq_k=170, value_dim=8, seed=4)
-    state = SkipState(1, 3, 150, 170, 16, 32)
+    state = ListPair(1, 3, 150, 170, 16, 32)
     for _ in range(2):
         read = state.read.to_dense().clone()
         out, lse = lite_attention(q, k, v, read=state.read, write=state.write, threshold=-5.0, scale=0.11,
@@ -154,7 +155,7 @@ def test_must_do_tiles_never_dropped(form):
     ranges = [(40, 50), (60, 70), (250, 260)]
     given_ranges = ranges if form == "pairs" else [50, 40, 60, 70, 250, 260]  # flat, one pair reversed
     seq = StructuredSequence(4, batch=1, seq_q=300, heads=2, head_dim=16, drift=0.3, sharpness=(1.0, 3.0), seed=9)
-    state = SkipState(1, 2, 300, 300, 32, 32)
+    state = ListPair(1, 2, 300, 300, 32, 32)
     reads = []
     for q, k, v in seq:
         reads.append(state.read.to_dense().clone())
@@ -175,7 +176,7 @@ def test_must_do_tiles_never_dropped(form):
 
 def test_must_do_q_tiles_drop_nothing():
     q, k, v = structured_qkv(1, 300, 2, 16, seed=11, sharpness=(1.0, 3.0))
-    state = SkipState(1, 2, 300, 300, 32, 32)
+    state = ListPair(1, 2, 300, 300, 32, 32)
     for _ in range(2):
         read = state.read.to_dense().clone()
         out = lite_attention(q, k, v, read=state.read, write=state.write, threshold=-3.0, must_do_q=[(70, 75)],
@@ -192,7 +193,7 @@ def test_must_skip_full_tiles_never_computed_partial_still_computed():
     # k-tile 2 = tokens [64, 96) is covered by [60, 100); tile 3 = [96, 128) only partly.
     must_skip = [(60, 100)]
     q, k, v = structured_qkv(1, 130, 2, 16, seed=12)
-    state = SkipState(1, 2, 130, 130, 32, 32, must_skip=must_skip)
+    state = ListPair(1, 2, 130, 130, 32, 32, must_skip=must_skip)
     expected = fresh_read(1, 2, 130, 130, 32, 32, must_skip)
     assert torch.equal(state.read.to_dense(), expected)
     assert not expected[..., 2].any() and expected[..., [0, 1, 3, 4]].all()
@@ -249,7 +250,7 @@ def test_every_output_element_written(monkeypatch):
 
     seq = StructuredSequence(3, batch=1, seq_q=250, seq_k=190, heads=2, head_dim=16, drift=0.3,
                              sharpness=(1.0, 3.0), seed=21)
-    state = SkipState(1, 2, 250, 190, 32, 32, must_skip=[(0, 64)])
+    state = ListPair(1, 2, 250, 190, 32, 32, must_skip=[(0, 64)])
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     for q, k, v in seq:
         read = state.read.to_dense().clone()
@@ -272,7 +273,7 @@ def test_score_blocks_smaller_than_the_problem(monkeypatch, block):
     monkeypatch.setattr(torch_ref, "_MAX_BLOCK_ELEMENTS_CPU", block)
     seq = StructuredSequence(3, batch=2, seq_q=300, seq_k=310, heads=3, head_dim=16, drift=0.3,
                              sharpness=(1.0, 3.0), seed=5)
-    state = SkipState(2, 3, 300, 310, tile_q=32, tile_k=32, must_skip=[(40, 80)])
+    state = ListPair(2, 3, 300, 310, tile_q=32, tile_k=32, must_skip=[(40, 80)])
     assert_monotone(run_steps(seq, state, threshold=-5.0, must_do=[(300, 310)], must_do_q=[(0, 20)]))
 
 
@@ -282,7 +283,7 @@ def test_whole_tile_lengths_with_and_without_exp_underflow(q_gain):
     lies more than ~86 (natural log) under its row's max; both paths must match the oracle, over several calls."""
     base = StructuredSequence(3, batch=1, seq_q=256, heads=2, head_dim=16, drift=0.3, sharpness=(1.0, 3.0), seed=9)
     seq = [(q * q_gain, k, v) for q, k, v in base]
-    state = SkipState(1, 2, 256, 256, tile_q=32, tile_k=32)
+    state = ListPair(1, 2, 256, 256, tile_q=32, tile_k=32)
     assert_monotone(run_steps(seq, state, threshold=-6.0))
 
 
@@ -292,14 +293,14 @@ def test_mass_rule_extremes_and_its_first_call():
     seq = list(StructuredSequence(2, batch=1, seq_q=256, heads=2, head_dim=32, drift=0.2, sharpness=(1.0, 3.0)))
     q, k, v = seq[0]
     for threshold, expect in ((-math.inf, 8), (0.0, 1)):
-        state = SkipState(1, 2, 256, 256, 32, 32, with_lse=True)
+        state = ListPair(1, 2, 256, 256, 32, 32, with_lse=True)
         lite_attention(q, k, v, read=state.read, write=state.write, threshold=threshold, criterion="mass",
                        lse_state=state.lse, backend="torch")
         assert (state.write.kv_counts == expect).all(), (threshold, state.write.kv_counts)
         assert (state.write.kv_indices[..., 0] == 0).all()  # the first processed tile
     # Measured against the exact LSE (the second call, same inputs) a tile's share is smaller than against the
     # running LSE: the second call keeps a subset.
-    state = SkipState(1, 2, 256, 256, 32, 32, with_lse=True)
+    state = ListPair(1, 2, 256, 256, 32, 32, with_lse=True)
     first = SkipList.full(1, 2, 256, 256, 32, 32)
     for write in (state.write, first):
         lite_attention(q, k, v, write=write, threshold=-8.0, criterion="mass", lse_state=state.lse, backend="torch")
@@ -323,7 +324,7 @@ def test_cpu_worker_pool_equals_one_block_at_a_time_and_restores_threads(monkeyp
     from liteattn.backends import torch_ref
 
     q, k, v = structured_qkv(2, 700, 3, 32, seed=11, sharpness=(1.0, 3.0))
-    state = SkipState(2, 3, 700, 700, 64, 64)
+    state = ListPair(2, 3, 700, 700, 64, 64)
     lite_attention(q, k, v, read=state.read, write=state.write, threshold=-4.0, backend="torch")
     state.swap()  # a read list with holes: the masked path
     threads = torch.get_num_threads()
@@ -341,3 +342,29 @@ def test_cpu_worker_pool_equals_one_block_at_a_time_and_restores_threads(monkeyp
         torch.set_num_threads(threads)
     assert torch.equal(pooled[0], serial[0]) and torch.equal(pooled[1], serial[1])
     assert torch.equal(write_pool.to_dense(), write_serial.to_dense())
+
+
+@pytest.mark.parametrize("criterion", ["max", "mass"])
+def test_skip_state_path_matches_the_oracle(criterion):
+    """``lite_attention(state=...)``: the bitmask state expanded, computed, narrowed and packed back, call after call,
+    against the oracle on the tiles it marked before each call."""
+    from liteattn import SkipState
+
+    seq = StructuredSequence(4, batch=2, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0), seed=4)
+    state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=64, must_skip=[(0, 64)], with_lse=criterion == "mass")
+    assert state.nbytes == 2 * 2 * 10 * 1 * 4 + 2 * 2 * 10 * 4 + (2 * 2 * 300 * 4 if criterion == "mass" else 0)
+    reads = []
+    for q, k, v in seq:
+        read = state.to_dense().clone()
+        lse_prev = None if state.lse is None else state.lse.clone()
+        out, lse = lite_attention(q, k, v, state=state, threshold=-6.0, criterion=criterion, return_lse=True,
+                                  backend="torch")
+        assert torch.equal(state.counts, read.sum(-1, dtype=torch.int32))  # what this call computed
+        check_call(q, k, v, read, out, lse, state.to_dense(), threshold=-6.0, tile_q=32, tile_k=64,
+                   criterion=criterion, lse_prev=lse_prev)
+        reads.append(read)
+    reads.append(state.to_dense())
+    assert_monotone(reads)
+    assert not reads[0][..., 0].any() and state.sparsity() > 0.3
+    state.reset()
+    assert torch.equal(state.to_dense(), reads[0]) and torch.equal(state.read.to_dense(), reads[0])

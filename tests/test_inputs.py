@@ -8,6 +8,8 @@ import torch
 
 from liteattn import LiteAttention, SeqParallelLiteAttention, SkipState, lite_attention
 
+from lists import ListPair
+
 
 def good(b=1, sq=40, sk=50, h=2, d=16, dv=8, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
@@ -196,7 +198,7 @@ def test_triton_backend_refused_on_cpu_tensors(monkeypatch):
 # -- skip lists given to lite_attention ------------------------------------------------------------------
 
 def lists(b=1, h=2, sq=40, sk=50, tq=16, tk=16, device=None):
-    state = SkipState(b, h, sq, sk, tq, tk, device=device)
+    state = ListPair(b, h, sq, sk, tq, tk, device=device)
     return state
 
 
@@ -230,11 +232,31 @@ def test_skip_list_wrong_type_and_device():
 def test_skip_list_tile_mismatch():
     q, k, v = good()
     state = lists()
-    other = SkipState(1, 2, 40, 50, 32, 32)
+    other = ListPair(1, 2, 40, 50, 32, 32)
     with pytest.raises(ValueError, match=r"tile_q=32 disagrees with the skip list's tile_q=16"):
         call_op(q, k, v, read=state.read, tile_q=32)
     with pytest.raises(ValueError, match=r"read and write lists use different tile sizes"):
         call_op(q, k, v, read=state.read, write=other.write)
+
+
+def test_state_is_checked():
+    q, k, v = good()
+    state = SkipState(1, 2, 40, 50, 16, 16)
+    with pytest.raises(TypeError, match=r"state must be a liteattn.SkipState, got ListPair"):
+        call_op(q, k, v, state=lists())
+    with pytest.raises(ValueError, match=r"give either state or read/write/lse_state"):
+        call_op(q, k, v, state=state, read=lists().read)
+    with pytest.raises(ValueError, match=r"tile_q=32 disagrees with the state's tile_q=16"):
+        call_op(q, k, v, state=state, tile_q=32)
+    with pytest.raises(ValueError, match=r"the state was built for \(B, H, Sq, Sk\) = \(1, 2, 40, 60\); these inputs "
+                                         r"are \(1, 2, 40, 50\)"):
+        call_op(q, k, v, state=SkipState(1, 2, 40, 60, 16, 16))
+    with pytest.raises(ValueError, match=r"the state is on meta but the inputs are on cpu"):
+        call_op(q, k, v, state=SkipState(1, 2, 40, 50, 16, 16, device="meta"))
+    before = state.bits.clone()
+    with pytest.raises(ValueError, match="scale"):
+        call_op(q, k, v, state=state, scale=-1.0)
+    assert torch.equal(state.bits, before)  # a refused call leaves the state alone
 
 
 def test_read_and_write_same_buffer():

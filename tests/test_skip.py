@@ -1,4 +1,4 @@
-"""SkipList / SkipState: construction, inspection helpers, validation and the ping-pong."""
+"""SkipList / SkipState: construction, inspection helpers, validation, and the state's bitmask."""
 
 import pytest
 import torch
@@ -6,18 +6,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liteattn import SkipList, SkipState
-from liteattn.skip import compact_from_dense, normalize_ranges, tiles_covered, tiles_overlapping
+from liteattn.skip import normalize_ranges, tiles_covered, tiles_overlapping
 from oracle import covered_tiles, fresh_read, overlapping_tiles
 
 
 def test_fresh_state_reads_everything():
     state = SkipState(2, 3, 250, 97, tile_q=64, tile_k=32)
     assert state.shape == (2, 3, 4, 4)
-    for lst in (state.read, state.write):
-        assert lst.kv_indices.dtype == torch.int32 and lst.kv_counts.dtype == torch.int32
-        assert lst.kv_indices.shape == (2, 3, 4, 4) and lst.kv_counts.shape == (2, 3, 4)
-        assert (lst.kv_counts == 4).all() and (lst.kv_indices == torch.arange(4, dtype=torch.int32)).all()
-        lst.check()
+    assert state.bits.dtype == torch.int32 and state.bits.shape == (2, 3, 4, 1) and (state.bits == 0b1111).all()
+    assert (state.counts == 4).all()
+    lst = state.read
+    assert lst.kv_indices.dtype == torch.int32 and lst.kv_counts.dtype == torch.int32
+    assert lst.kv_indices.shape == (2, 3, 4, 4) and lst.kv_counts.shape == (2, 3, 4)
+    assert (lst.kv_counts == 4).all() and (lst.kv_indices == torch.arange(4, dtype=torch.int32)).all()
+    lst.check()
     dense = state.to_dense()
     assert dense.dtype == torch.bool and dense.shape == (2, 3, 4, 4) and dense.all()
     assert state.sparsity() == 0.0 and state.read.sparsity() == 0.0
@@ -35,7 +37,6 @@ def test_fresh_state_with_must_skip(must_skip, form):
     expected = fresh_read(1, 2, 50, 130, 16, 32, [(0, 40), (100, 130)])
     assert expected[..., [1, 2, 3]].all() and not expected[..., [0, 4]].any()
     assert torch.equal(state.to_dense(), expected), form
-    assert torch.equal(state.write.to_dense(), expected)
     assert state.sparsity() == pytest.approx(2 / 5)
     assert state.read.kv_counts.eq(3).all()
     assert state.read.kv_indices[..., :3].eq(torch.tensor([1, 2, 3], dtype=torch.int32)).all()
@@ -78,34 +79,47 @@ def test_from_dense_round_trip(shape, density, seed):
     assert lst.sparsity() == pytest.approx(1 - dense.double().mean().item())  # float32 mean: off by 3e-8
 
 
-def test_swap_semantics():
-    state = SkipState(1, 2, 64, 64, 16, 16)
-    read0, write0 = state.read, state.write
-    assert read0.kv_indices.data_ptr() != write0.kv_indices.data_ptr()
-    # Write something into the write list: the read list does not change.
-    drop = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+@settings(max_examples=30, deadline=None)
+@given(nk=st.integers(1, 130), density=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_bitmask_round_trip(nk, density, seed):
+    """Tile j is bit j % 32 of word j // 32, whatever the number of words (bit 31 is the int32 sign bit)."""
+    from liteattn.state import bits_from_dense, dense_from_bits, num_words
+
+    dense = torch.rand(2, 3, nk, generator=torch.Generator().manual_seed(seed)) < density
+    bits = bits_from_dense(dense)
+    assert bits.dtype == torch.int32 and bits.shape == (2, 3, num_words(nk))
+    assert torch.equal(dense_from_bits(bits, nk), dense)
+    j = int(torch.randint(nk, (1,), generator=torch.Generator().manual_seed(seed)))
+    assert bool((bits[0, 0, j // 32] >> (j % 32)) & 1) == bool(dense[0, 0, j])
+
+
+def test_set_read_and_a_small_state():
+    """The persistent state is one bit per tile pair (the compact list and the flags of a call are transient)."""
+    state = SkipState(1, 2, 64, 80, 16, 16)
+    drop = torch.ones(1, 2, 4, 5, dtype=torch.bool)
     drop[..., 2] = False
-    compact_from_dense(drop, state.write.kv_indices, state.write.kv_counts)
-    assert state.read.to_dense().all()
-    state.swap()
-    assert torch.equal(state.read.to_dense(), drop)  # what was written is what the next call reads
-    assert state.write.kv_indices.data_ptr() == read0.kv_indices.data_ptr()
-    assert state.read.kv_indices.data_ptr() == write0.kv_indices.data_ptr()
-    assert state.sparsity() == pytest.approx(0.25)
-    state.swap()
-    assert state.read.to_dense().all() and state.read.kv_indices.data_ptr() == read0.kv_indices.data_ptr()
+    state.set_read(drop)
+    assert torch.equal(state.to_dense(), drop) and torch.equal(state.read.to_dense(), drop)
+    assert (state.counts == 4).all() and state.sparsity() == pytest.approx(0.2)
+    state.set_read(SkipList.full(1, 2, 64, 80, 16, 16))
+    assert state.to_dense().all()
+    with pytest.raises(ValueError, match=r"set_read takes a SkipList or a bool mask of shape \(1, 2, 4, 5\)"):
+        state.set_read(torch.ones(1, 2, 4, 4, dtype=torch.bool))
+    # Wan2.1-14B at 720p: B=1, H=40, S=75600, 128-token tiles.
+    big = SkipState(1, 40, 75600, 75600, 128, 128, device="meta")
+    assert big.nbytes == 40 * 591 * 19 * 4 + 40 * 591 * 4 <= 6.25 * 2 ** 20  # 1.89 MB
 
 
 def test_reset_after_garbage():
-    state = SkipState(1, 2, 64, 80, 16, 16, must_skip=[(0, 16)])
+    state = SkipState(1, 2, 64, 80, 16, 16, must_skip=[(0, 16)], with_lse=True)
     fresh = state.to_dense().clone()
-    state.read.kv_indices.fill_(-3)
-    state.write.kv_counts.fill_(99)
-    state.swap()
+    state.bits.fill_(-3)
+    state.counts.fill_(99)
+    state.lse.fill_(1.0)
     state.reset()
-    assert torch.equal(state.read.to_dense(), fresh) and torch.equal(state.write.to_dense(), fresh)
+    assert torch.equal(state.to_dense(), fresh) and torch.equal(state.counts, fresh.sum(-1, dtype=torch.int32))
+    assert torch.isnan(state.lse).all()
     state.read.check()
-    state.write.check()
 
 
 def test_check_rejects_bad_lists():
@@ -178,7 +192,7 @@ def test_to_and_clone():
     state = SkipState(1, 1, 32, 32, 16, 16)
     copy = state.read.clone()
     copy.kv_counts.zero_()
-    assert state.read.kv_counts.eq(2).all()
+    assert state.read.kv_counts.eq(2).all()  # a snapshot: editing it leaves the state alone
     meta = state.read.to("meta")
     assert meta.device.type == "meta" and meta.shape == state.read.shape
 

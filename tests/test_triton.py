@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from liteattn import LiteAttention, SkipList, SkipState, lite_attention
+from liteattn import LiteAttention, SkipList, lite_attention
 from liteattn.backends import triton_available
 from liteattn.testing import StructuredSequence
 
+from lists import ListPair
 from oracle import LSE_FLOOR, OUT_FLOOR, assert_within_rule, check_call, plain_attention, tile_margin
 
 CUDA = torch.cuda.is_available()
@@ -68,7 +69,7 @@ def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None, criterion
 def run_steps(steps, B, Sq, H, D, tile_q, tile_k, dtype, threshold, seq_k=None, device=DEVICE, criterion="max",
               **kw):
     seq_k = Sq if seq_k is None else seq_k
-    state = SkipState(B, H, Sq, seq_k, tile_q, tile_k, device=device, with_lse=criterion == "mass")
+    state = ListPair(B, H, Sq, seq_k, tile_q, tile_k, device=device, with_lse=criterion == "mass")
     sparsities = []
     for q, k, v in StructuredSequence(steps, B, Sq, H, D, seq_k=seq_k, dtype=dtype, device=device, seed=Sq + D):
         written = check_step(q, k, v, state.read, threshold, criterion=criterion, lse_state=state.lse, **kw)
@@ -94,6 +95,26 @@ def test_kernel_matches_the_oracle_over_steps(dtype, Sq, Sk, tile_q, tile_k, D, 
     assert sparsities == sorted(sparsities)
 
 
+@pytest.mark.parametrize("criterion", ["max", "mass"])
+@pytest.mark.parametrize("Sq,Sk,tile,H", [(250, 250, 64, 2), (200, 2200, 64, 1)])
+def test_kernel_on_a_skip_state_matches_the_oracle(Sq, Sk, tile, H, criterion):
+    """The SkipState path: bits expanded into the shared workspace, the kernel, the flags packed back into the bits
+    (more than 32 k-tiles: several words per row)."""
+    from liteattn import SkipState
+
+    state = SkipState(1, H, Sq, Sk, tile, tile, device=DEVICE, with_lse=criterion == "mass")
+    for q, k, v in StructuredSequence(3, 1, Sq, H, 32, seq_k=Sk, dtype=torch.float16, device=DEVICE, seed=Sk):
+        read = state.to_dense().clone()
+        lse_prev = None if state.lse is None else state.lse.clone()
+        out, lse = lite_attention(q, k, v, state=state, threshold=-5.0, criterion=criterion, return_lse=True,
+                                  backend="triton")
+        assert torch.equal(state.counts, read.sum(-1, dtype=torch.int32))
+        written = state.to_dense()
+        check_call(q, k, v, read, out, lse, written, threshold=-5.0, tile_q=tile, tile_k=tile, criterion=criterion,
+                   lse_prev=lse_prev)
+    assert state.sparsity() > 0.0
+
+
 def test_kernel_must_do_and_dense_modes():
     run_steps(2, 1, 200, 2, 32, 64, 64, torch.float16, threshold=0.0, must_do=[(0, 10), (150, 160)],
               must_do_q=[(64, 70)])
@@ -110,7 +131,7 @@ def test_kernel_must_do_and_dense_modes():
 
 def test_kernel_threshold_minus_inf_keeps_everything():
     q, k, v = next(iter(StructuredSequence(1, 1, 190, 2, 32, dtype=torch.float16, device=DEVICE)))
-    state = SkipState(1, 2, 190, 190, 64, 64, device=DEVICE)
+    state = ListPair(1, 2, 190, 190, 64, 64, device=DEVICE)
     lite_attention(q, k, v, read=state.read, write=state.write, threshold=-math.inf, backend="triton")
     assert state.write.to_dense().all()
     lite_attention(q, k, v, read=state.read, write=state.write, threshold=0.0, backend="triton")
@@ -148,7 +169,7 @@ def test_kernel_writes_every_output_element():
     from liteattn.backends.triton_launch import triton_attention  # the buffers' owner: the point of the test
 
     q, k, v = next(iter(StructuredSequence(1, 2, 200, 2, 32, dtype=torch.float16, device=DEVICE)))
-    state = SkipState(2, 2, 200, 200, 64, 64, device=DEVICE)
+    state = ListPair(2, 2, 200, 200, 64, 64, device=DEVICE)
     read, write = state.read, poisoned_write(state.read)
     out = torch.full((2, 200, 2, 32), math.nan, dtype=torch.float16, device=DEVICE)
     lse = torch.full((2, 2, 200), math.nan, dtype=torch.float32, device=DEVICE)
@@ -179,7 +200,7 @@ def test_gpu_no_host_sync():
 @gpu
 def test_gpu_cuda_graph_matches_eager():
     q, k, v = next(iter(StructuredSequence(1, 1, 2000, 4, 128, dtype=torch.bfloat16, device="cuda")))
-    state = SkipState(1, 4, 2000, 2000, 128, 128, device="cuda")
+    state = ListPair(1, 4, 2000, 2000, 128, 128, device="cuda")
     kw = dict(read=state.read, write=state.write, threshold=-6.0, backend="triton")
     eager = lite_attention(q, k, v, **kw)
     eager_written = state.write.to_dense()
@@ -196,7 +217,7 @@ def test_gpu_cuda_graph_matches_eager():
 @gpu
 def test_gpu_torch_compile_fullgraph():
     q, k, v = next(iter(StructuredSequence(1, 1, 1000, 2, 64, dtype=torch.float16, device="cuda")))
-    state = SkipState(1, 2, 1000, 1000, 128, 128, device="cuda")
+    state = ListPair(1, 2, 1000, 1000, 128, 128, device="cuda")
 
     def f(q, k, v):
         return lite_attention(q, k, v, read=state.read, write=state.write, threshold=-6.0) * 2
@@ -214,7 +235,7 @@ def test_gpu_inputs_on_another_device_than_the_current_one():
     """Triton launches on the current device: inputs on cuda:1 while cuda:0 is current must still run on cuda:1,
     ordered with cuda:1's stream, and give what the same call gives with cuda:1 current."""
     q, k, v = next(iter(StructuredSequence(1, 2, 3000, 4, 128, dtype=torch.bfloat16, device="cuda:1")))
-    state = SkipState(2, 4, 3000, 3000, 128, 128, device="cuda:1")
+    state = ListPair(2, 4, 3000, 3000, 128, 128, device="cuda:1")
     kw = dict(read=state.read, write=state.write, threshold=-6.0, backend="triton")
     with torch.cuda.device(1):
         expected = lite_attention(q, k, v, **kw)

@@ -145,6 +145,32 @@ def compact_flags(write_idx_ptr, write_cnt_ptr, num_k_tiles, NK_POW2: tl.constex
 
 
 @triton.jit
+def expand_bits(bits_ptr, indices_ptr, counts_ptr, num_k_tiles, num_words, NK_POW2: tl.constexpr):
+    """Before the attention kernel, with a SkipState: one program per (b, h, q-tile) row turns the row's bitmask
+    (tile j = bit j % 32 of word j // 32) into the ascending compact list the kernel walks, and its count."""
+    row = tl.program_id(0).to(tl.int64)
+    tiles = tl.arange(0, NK_POW2)
+    words = tl.load(bits_ptr + row * num_words + tiles // 32, mask=tiles < num_k_tiles, other=0)
+    keep = ((words >> (tiles % 32)) & 1) != 0
+    position = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(indices_ptr + row * num_k_tiles + position, tiles, mask=keep)
+    tl.store(counts_ptr + row, tl.sum(keep.to(tl.int32), 0))
+
+
+@triton.jit
+def pack_flags(flags_ptr, bits_ptr, num_k_tiles, num_words, NK_POW2: tl.constexpr):
+    """After the attention kernel, with a SkipState: one program per row packs the row's 0/1 write flags into its
+    bitmask words, in place of the read bits (the kept tiles are a subset of the read ones)."""
+    row = tl.program_id(0).to(tl.int64)
+    tiles = tl.arange(0, NK_POW2)
+    flags = tl.load(flags_ptr + row * num_k_tiles + tiles, mask=tiles < num_k_tiles, other=0)
+    lanes = (flags != 0).to(tl.int32) << (tiles % 32)
+    words = tl.sum(tl.reshape(lanes, (NK_POW2 // 32, 32)), 1)  # distinct bits: the sum is their OR
+    w = tl.arange(0, NK_POW2 // 32)
+    tl.store(bits_ptr + row * num_words + w, words, mask=w < num_words)
+
+
+@triton.jit
 def _lite_attn_fwd(
     q_desc, k_desc, v_desc,  # 2-D descriptors over (B*S, H*D) views
     o_ptr, lse_ptr, lse_state_ptr,

@@ -8,7 +8,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_kernel import compact_flags, lite_attn_fwd
+from .triton_kernel import compact_flags, expand_bits, lite_attn_fwd, pack_flags
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -27,13 +27,15 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q,
                      threshold, criterion: int, scale: float, tile_q: int, tile_k: int, return_lse: bool,
-                     out=None, lse=None, lse_state=None):
+                     out=None, lse=None, lse_state=None, bits=None):
     """Launch the kernel. Lists are contiguous int32; must-do masks bool per tile; ``threshold`` a 0-d float32
     tensor (or None without a write list); ``criterion`` the kernel's id of the keep rule. Returns (out, lse).
 
     ``out`` (B, Sq, H, Dv) and ``lse`` (B, H, Sq) may be given, contiguous, to be written in place (the tests
     poison them to see that every element is written). ``lse_state`` (B, H, Sq) float32, contiguous: read (the
-    previous call's LSE, for the mass rule) and overwritten with this call's."""
+    previous call's LSE, for the mass rule) and overwritten with this call's. ``bits`` (B, H, Mq, W) int32, a
+    SkipState's bitmask: expanded into ``read_indices`` / ``read_counts`` first, and the write flags (in
+    ``write_indices``) packed back into it afterwards instead of compacted."""
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
     mq, nk = -(-Sq // tile_q), -(-Sk // tile_k)
@@ -50,7 +52,11 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
     grid = (mq, B * H)
     # Triton launches on the *current* CUDA device and stream: make that the inputs' device, or inputs on cuda:1
     # would be read by a kernel on cuda:0, unordered with cuda:1's stream.
+    nk_pow2 = max(32, triton.next_power_of_2(nk))
+    rows = B * H * mq
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if bits is not None:
+            expand_bits[(rows,)](bits, read_indices, read_counts, nk, bits.shape[-1], NK_POW2=nk_pow2, num_warps=4)
         lite_attn_fwd[grid](
             q_desc, k_desc, v_desc,
             out, lse if lse is not None else _placeholder(q.device, torch.float32),
@@ -74,7 +80,8 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
             UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
             CRITERION=criterion, HAS_LSE_STATE=lse_state is not None,
         )
-        if write_indices is not None:
-            compact_flags[(B * H * mq,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk),
-                                         num_warps=4)
+        if bits is not None:
+            pack_flags[(rows,)](write_indices, bits, nk, bits.shape[-1], NK_POW2=nk_pow2, num_warps=4)
+        elif write_indices is not None:
+            compact_flags[(rows,)](write_indices, write_counts, nk, NK_POW2=triton.next_power_of_2(nk), num_warps=4)
     return out, lse
