@@ -70,6 +70,7 @@ class SkipState:
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
         self.bits = torch.empty(batch, heads, mq, num_words(nk), dtype=torch.int32, device=self.device)
         self.counts = torch.empty(batch, heads, mq, dtype=torch.int32, device=self.device)
+        self.device = self.bits.device  # with its index: "cuda" becomes "cuda:0", as the inputs' device reads
         self.lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=self.device) if with_lse else None
         self.reset()
 
