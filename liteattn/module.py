@@ -162,6 +162,15 @@ class LiteAttention:
         state = self._state
         if state is None or not state.matches(B, H, Sq, key.shape[1], query.device, must_skip):
             state = self._new_state(query, key, must_skip)
+        if (not torch.compiler.is_compiling() and self._threshold == -math.inf and state.untouched
+                and not must_skip):
+            # Nothing can be dropped and nothing has been: plain attention, the fastest path there is (eager only:
+            # a compiled graph must not specialise on the threshold's value).
+            self.computed_tiles = state.counts
+            return lite_attention(query, key, value, scale=scale, return_lse=return_softmax_lse, backend=self.backend,
+                                  tile_q=self.tile_q, tile_k=self.tile_k)
+        if torch.compiler.is_compiling() or self._threshold != -math.inf:
+            state.untouched = False
         result = lite_attention(query, key, value, state=state, threshold=self._threshold_tensor,
                                 criterion=self.criterion, scale=scale, must_do=must_do_list, must_do_q=must_do_q_list,
                                 return_lse=return_softmax_lse, backend=self.backend)

@@ -133,6 +133,10 @@ def _attention_fwd(
     flags and packed back into ``bits``. The transient buffers come from (and go back to) PyTorch's caching
     allocator, so consecutive layers reuse one block: no persistent workspace.
     """
+    if backend == "sdpa":  # plain attention (no lists, no decision, no LSE): PyTorch's fastest
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), scale=scale).transpose(1, 2)
+        return out.contiguous(), q.new_empty(0, dtype=torch.float32)
     if backend == "triton" and bits is not None:
         shape = (*bits.shape[:3], -(-k.shape[1] // tile_k))  # (B, H, Mq, Nk)
         read_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
@@ -260,7 +264,8 @@ def lite_attention(
         _check_lse_state(lse_state, q)
     must_do_k_tiles = _tiles_or_none(normalize_ranges(must_do, Sk, "must_do"), Sk, tile_k, q.device)
     must_do_q_tiles = _tiles_or_none(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
-    name = backends.choose(backend, q, v, tile_q, tile_k)
+    plain = read is None and write is None and state is None and not return_lse and lse_state is None
+    name = backends.choose(backend, q, v, tile_q, tile_k, plain=plain)
 
     op = torch.ops.liteattn.attention_fwd if _through_the_op(q, k, v) else _DIRECT["_attention_fwd"]
     if state is not None:  # expanded into a transient list, flagged in transient flags, packed back into the bits

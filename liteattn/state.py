@@ -77,6 +77,7 @@ class SkipState:
     def reset(self) -> None:
         """Back to the fresh state: every tile not covered by a must-skip range."""
         fresh = self._fresh_dense()
+        self.untouched = True  # no call has narrowed it down since the reset (LiteAttention keeps this up to date)
         self.bits.copy_(bits_from_dense(fresh))
         self.counts.copy_(fresh.sum(-1, dtype=torch.int32))
         if self.lse is not None:
@@ -93,6 +94,7 @@ class SkipState:
         if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool or tuple(dense.shape) != tuple(self.shape):
             raise ValueError(f"set_read takes a SkipList or a bool mask of shape {tuple(self.shape)}")
         dense = dense.to(self.device)
+        self.untouched = False
         self.bits.copy_(bits_from_dense(dense))
         self.counts.copy_(dense.sum(-1, dtype=torch.int32))
 

@@ -440,3 +440,33 @@ def test_the_custom_op_still_runs_when_something_watches_the_call():
     assert out.requires_grad
     with pytest.raises(RuntimeError, match="no autograd formula"):
         out.sum().backward()
+
+
+def test_dense_calls_take_pytorchs_attention(monkeypatch):
+    """Issue 11: a call that reads every tile and decides nothing (skipping off, or -inf on an untouched state) is
+    plain attention, and runs PyTorch's scaled_dot_product_attention (cuDNN / FlashAttention on a GPU)."""
+    from liteattn import backends
+
+    chosen = []
+    real_choose = backends.choose
+    monkeypatch.setattr(backends, "choose", lambda *a, **kw: chosen.append(real_choose(*a, **kw)) or chosen[-1])
+    q, k, v = structured_qkv(1, 200, 2, 16, seed=3, sharpness=(1.0, 3.0))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2)).transpose(1, 2)
+    off = LiteAttention(enable_skipping=False, tile_q=32, tile_k=32)
+    assert torch.equal(off(q, k, v), sdpa) and chosen[-1] == "sdpa"
+    attn = LiteAttention(threshold=-math.inf, tile_q=32, tile_k=32)
+    for _ in range(2):
+        assert torch.equal(attn(q, k, v), sdpa) and chosen[-1] == "sdpa"
+        assert attn.skip_state.untouched and attn.sparsity == 0.0
+    attn(q, k, v, return_softmax_lse=True)  # an LSE is asked for: the core's dense path
+    assert chosen[-1] == "torch"
+    attn.set_threshold(-2.0)
+    attn(q, k, v)
+    assert chosen[-1] == "torch" and not attn.skip_state.untouched and attn.skip_state.sparsity() > 0
+    attn.set_threshold(-math.inf)  # tiles were dropped: the state path, on the narrowed list
+    attn(q, k, v)
+    assert chosen[-1] == "torch" and attn.sparsity > 0
+    attn.reset_skip_state()
+    attn(q, k, v)
+    assert chosen[-1] == "sdpa"

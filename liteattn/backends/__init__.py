@@ -11,7 +11,10 @@
   does not support) it falls back to the PyTorch reference, with a WARNING that says why, logged once per cause.
   Tile sizes are the caller's choice, so a tile the kernel cannot run is refused (ValueError), never quietly
   computed by the O(S^2)-memory reference;
-- automatic elsewhere runs the PyTorch reference (no GPU or no Triton is not an error there).
+- automatic elsewhere runs the PyTorch reference (no GPU or no Triton is not an error there);
+- automatic for a call that reads every tile, decides nothing and needs no LSE (skipping off, warm-up steps) runs
+  ``sdpa``, PyTorch's ``scaled_dot_product_attention`` (cuDNN / FlashAttention on CUDA): such a call is plain
+  attention, and never slower than what the model ran before liteattn.
 """
 
 from __future__ import annotations
@@ -81,11 +84,15 @@ def _warn_fallback_once(reason: str) -> None:
                    "kernel) because %s", reason)
 
 
-def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int) -> str:
-    """The backend that runs these inputs: ``"torch"`` or ``"triton"`` (see the module docstring)."""
+def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int,
+           plain: bool = False) -> str:
+    """The backend that runs these inputs: ``"torch"``, ``"triton"`` or ``"sdpa"`` (module docstring). ``plain``:
+    the call reads every tile, decides nothing and returns no LSE."""
     check_backend(requested)
     if requested == "torch":
         return "torch"
+    if requested is None and plain:
+        return "sdpa"
     device = q.device
     runnable = device.type == "cuda" or (device.type == "cpu" and interpreter_on())
     if requested == "triton":
