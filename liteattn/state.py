@@ -48,6 +48,19 @@ def dense_from_bits(bits: torch.Tensor, num_k_tiles: int) -> torch.Tensor:
     return dense[..., :num_k_tiles]
 
 
+def _check_room(device: torch.device, state_bytes: int, call_bytes: int) -> None:
+    """ValueError before allocating, when a state and the transient buffers of its calls would not fit in the free
+    memory of a CUDA device (a clear message instead of an out-of-memory error in the middle of a run)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    reserved_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
+    if state_bytes + call_bytes > free + reserved_free:
+        raise ValueError(f"a skip state needs {state_bytes / 2**20:.1f} MiB and its calls {call_bytes / 2**20:.1f} MiB "
+                         f"more while they run, but {device} has {(free + reserved_free) / 2**20:.1f} MiB free; use "
+                         f"larger tiles, fewer layers (enable(layers=...)), or a smaller batch or video")
+
+
 class SkipState:
     """One attention layer's skip decisions between calls (module docstring): pass it as
     ``lite_attention(q, k, v, state=state, ...)``, which reads the tiles it marks and narrows them down.
@@ -68,6 +81,9 @@ class SkipState:
         self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
+        _check_room(self.device, batch * heads * mq * (num_words(nk) + 1) * 4 + (batch * heads * seq_q * 4 if with_lse
+                                                                                 else 0),
+                    2 * batch * heads * mq * nk * 4)
         self.bits = torch.empty(batch, heads, mq, num_words(nk), dtype=torch.int32, device=self.device)
         self.counts = torch.empty(batch, heads, mq, dtype=torch.int32, device=self.device)
         self.device = self.bits.device  # with its index: "cuda" becomes "cuda:0", as the inputs' device reads

@@ -244,3 +244,18 @@ def test_from_block_mask_counts_partial_blocks_as_computed():
     causal = create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 256, 256, device="cpu", BLOCK_SIZE=64)
     lst = SkipList.from_block_mask(causal)
     assert torch.equal(lst.to_dense()[0, 0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+def test_a_state_that_would_not_fit_is_refused_before_allocating(monkeypatch):
+    """Issue 11: a clear error instead of a CUDA out-of-memory in the middle of a run (the device query is faked,
+    so this runs without a GPU)."""
+    from liteattn import state as state_module
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 20, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    cuda = torch.device("cuda", 0)
+    state_module._check_room(cuda, 2 << 20, 50 << 20)  # fits
+    with pytest.raises(ValueError, match=r"a skip state needs 2.0 MiB and its calls 112.0 MiB more .* 100.0 MiB free"):
+        state_module._check_room(cuda, 2 << 20, 112 << 20)
+    state_module._check_room(torch.device("cpu"), 1 << 50, 1 << 50)  # the CPU is not checked
