@@ -2,7 +2,7 @@
 
 A call with a write list decides, for every k-tile it computes, whether the next call computes it again
 (docs/DESIGN.md section 4). *How* it decides is the criterion; each backend implements each criterion in one
-small function (``torch_ref.keep_max_rule`` / ``keep_mass_rule`` and the Triton kernel's ``_keep``), selected by
+small function (``torch_ref.max_rule_gain`` / ``mass_rule_gain`` and the Triton kernel's ``_keep``), selected by
 name here:
 
 - ``"max"`` (the reference implementation's rule, the default of ``LiteAttention``): keep tile j iff it raises some

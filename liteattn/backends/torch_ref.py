@@ -55,24 +55,23 @@ def _run_blocks(run_block: Callable, blocks: list, device: torch.device) -> None
         torch.set_num_threads(threads)  # what the workers' setting changed process-wide, back as it was
 
 
-def keep_max_rule(tile_max: torch.Tensor, prev_max: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The ``"max"`` criterion, per row: does tile j raise the running max by more than ``threshold`` (log2)?
+def max_rule_gain(tile_max: torch.Tensor, prev_max: torch.Tensor) -> torch.Tensor:
+    """The ``"max"`` criterion's per-row gain (log2 units): how far tile j raises the row's running max.
 
-    ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile, which is
-    always kept (also at threshold +inf). ``threshold`` is a 0-d tensor. (The Triton kernel's twin is
-    ``triton_kernel._keep``.)
+    ``tile_max``/``prev_max`` are natural-log score maxima; ``prev_max`` is -inf before the first tile (gain +inf).
+    A tile is kept when some row's gain exceeds the threshold, and the first processed tile always (also at +inf).
+    (The Triton kernel's twin is ``triton_kernel._keep``.)
     """
-    return ((tile_max - prev_max) * LOG2E > threshold) | (prev_max == -math.inf)
+    return (tile_max - prev_max) * LOG2E
 
 
-def keep_mass_rule(tile_lse: torch.Tensor, reference_lse: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """The ``"mass"`` criterion, per row: does tile j hold more than ``2**threshold`` of the row's attention?
+def mass_rule_gain(tile_lse: torch.Tensor, reference_lse: torch.Tensor) -> torch.Tensor:
+    """The ``"mass"`` criterion's per-row gain (log2 units): log2 of the tile's share of the row's attention.
 
     ``tile_lse`` is the log-sum-exp of the row's scores over the tile's columns, ``reference_lse`` the row's
-    log-sum-exp it is measured against (the previous call's, or this call's running one); natural log. (The first
-    processed tile is kept besides, by the caller.)
+    log-sum-exp it is measured against (the previous call's, or this call's running one); natural log.
     """
-    return (tile_lse - reference_lse) * LOG2E > threshold
+    return (tile_lse - reference_lse) * LOG2E
 
 
 def attention_forward(
@@ -90,12 +89,15 @@ def attention_forward(
     must_do_q: Optional[torch.Tensor],  # bool (Mq,) q-tiles that drop nothing
     return_lse: bool,
     lse_state: Optional[torch.Tensor] = None,  # float32 (B, H, Sq): the previous call's LSE (NaN: none), overwritten
+    score_out: Optional[torch.Tensor] = None,  # float32 (B, H, Mq, Nk) to fill with the tiles' decision statistic
 ):
     """Returns ``(out (B, Sq, H, Dv) in q.dtype, lse (B, H, Sq) float32 or None)``.
 
     ``keep_out`` receives ``keep(j) & read(j)`` (must-do applied), i.e. the next write list. The mass rule measures
     tiles against ``lse_state`` (rows holding NaN: against this call's running LSE), and ``lse_state`` then
-    receives this call's LSE.
+    receives this call's LSE. ``score_out`` receives, per tile, the largest gain of the rule over the q-tile's rows
+    (log2 units; +inf for tiles kept whatever the threshold, -inf for tiles not read): the tile is kept iff its score
+    exceeds the threshold, for any threshold.
     """
     B, Sq, H, D = q.shape
     Sk, Dv = k.shape[1], v.shape[-1]
@@ -139,19 +141,32 @@ def attention_forward(
         row_tile = torch.arange(r1 - r0, device=device) // tile_q  # q-tile of each row, in block
         read_rows = read_tiles[:, row_tile]  # (h, rows, Nk)
 
-        if keep_out is not None and criterion == "max":
+        decide = keep_out is not None or score_out is not None
+        if decide and criterion == "max":
             tile_max = tiles.amax(-1)  # (h, rows, Nk)
             seen = tile_max.masked_fill(~read_rows, -math.inf).cummax(dim=-1).values
             prev_max = torch.nn.functional.pad(seen[..., :-1], (1, 0), value=-math.inf)
-            keep_rows = keep_max_rule(tile_max, prev_max, threshold)  # (h, rows, Nk)
-        elif keep_out is not None:  # "mass"
+            gain = max_rule_gain(tile_max, prev_max)  # (h, rows, Nk)
+        elif decide:  # "mass"
             tile_lse = tiles.logsumexp(-1).masked_fill(~read_rows, -math.inf)  # (h, rows, Nk)
             running = torch.logcumsumexp(tile_lse, dim=-1)  # this call's LSE up to tile j, in read order
             if lse_state is not None:
                 previous = lse_state[b, hs, r0:r1].to(compute_dtype).unsqueeze(-1)  # (h, rows, 1)
                 running = torch.where(torch.isnan(previous), running, previous)
+            gain = mass_rule_gain(tile_lse, running)
+        if decide:
             first = read_rows & (read_rows.cumsum(dim=-1) == 1)  # the first processed tile is always kept
-            keep_rows = keep_mass_rule(tile_lse, running, threshold) | first
+            gain = gain.masked_fill(first, math.inf)
+            keep_rows = (gain > threshold) | first if keep_out is not None else None
+        if score_out is not None:  # the decision statistic: each tile's largest gain over the q-tile's rows
+            rows_pad = (t1 - t0) * tile_q - (r1 - r0)
+            score = torch.nn.functional.pad(gain, (0, 0, 0, rows_pad), value=-math.inf)
+            score = score.unflatten(1, (t1 - t0, tile_q)).amax(dim=2)  # (h, mq, Nk)
+            if must_do_k is not None:
+                score = score.masked_fill(must_do_k, math.inf)
+            if must_do_q is not None:
+                score = score.masked_fill(must_do_q[t0:t1, None], math.inf)
+            score_out[b, hs, t0:t1] = score.masked_fill(~read_tiles, -math.inf).float()
         if keep_out is not None:
             rows_pad = (t1 - t0) * tile_q - (r1 - r0)
             keep_rows = torch.nn.functional.pad(keep_rows, (0, 0, 0, rows_pad), value=False)

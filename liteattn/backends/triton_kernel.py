@@ -89,7 +89,7 @@ def _keep(tile_max, m_prev, tile_l, m_i, l_i, lse_prev, threshold, CRITERION: tl
     0, ``"max"``: does this tile raise the running max by more than ``threshold``?
     1, ``"mass"``: does this tile hold more than ``2**threshold`` of the row's mass, measured against the previous
     call's log-sum-exp ``lse_prev`` (NaN: against this call's running one, ``m_i + log2(l_i)``)?
-    (The PyTorch backend's twins are ``torch_ref.keep_max_rule`` and ``keep_mass_rule``.)"""
+    (The PyTorch backend's twins are ``torch_ref.max_rule_gain`` and ``mass_rule_gain``.)"""
     tl.static_assert((CRITERION == 0) | (CRITERION == 1), "unknown criterion")
     if CRITERION == 0:
         keep = ((tile_max - m_prev) > threshold) | (m_prev == float("-inf"))
