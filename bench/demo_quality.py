@@ -19,6 +19,21 @@ import time
 import torch
 
 
+def summarize(psnr_db, ssim) -> dict:
+    """Mean / median / min over prompts of per-prompt PSNR (dB) and SSIM, as in the table's columns.
+
+    Identical videos (PSNR inf) are left out of the PSNR statistics (None when every video is identical)."""
+    finite = [x for x in psnr_db if math.isfinite(x)]
+    return dict(
+        psnr_db_mean=statistics.mean(finite) if finite else None,
+        psnr_db_median=statistics.median(finite) if finite else None,
+        psnr_db_min=min(finite) if finite else None,
+        ssim_mean=statistics.mean(ssim),
+        ssim_median=statistics.median(ssim),
+        ssim_min=min(ssim),
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--thresholds", default="-12,-10,-8,-6,-4,-2,0")
@@ -48,15 +63,11 @@ def main(argv=None) -> int:
     dense = result["dense"]
     rows = []
     for run in result["liteattn"]:
-        finite = [x for x in run["psnr_db"] if math.isfinite(x)]
         rows.append(dict(
             threshold=run["threshold"],
             sparsity=run["stats"]["mean_sparsity"],
             sparsity_last_step=run["stats"]["sparsity"][-1],
-            psnr_db_mean=statistics.mean(finite) if finite else None,
-            psnr_db_min=min(finite) if finite else None,
-            ssim_mean=statistics.mean(run["ssim"]),
-            ssim_min=min(run["ssim"]),
+            **summarize(run["psnr_db"], run["ssim"]),
             attention_seconds=run["attention_seconds"],
             total_seconds=run["total_seconds"],
             psnr_db=[x if math.isfinite(x) else None for x in run["psnr_db"]],
