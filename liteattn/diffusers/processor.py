@@ -4,16 +4,22 @@ A processor reproduces its model's original attention computation, but routes th
 a :class:`liteattn.LiteAttention`. It holds no step logic: the handle sets ``attention`` (the LiteAttention of the
 current layer and guidance branch) before every transformer call, so ``torch.compile`` sees a plain function of its
 inputs.
+
+Under diffusers' context parallelism (``transformer.enable_parallelism(...)``, before or after ``liteattn.enable``)
+diffusers gives the processor its ``_parallel_config``, and :meth:`LiteProcessor.attend` runs the attention through
+diffusers' own Ulysses / ring machinery with liteattn computing each piece (:mod:`liteattn.parallel`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 from ..joint import joint_attention
 from ..module import LiteAttention
+from ..parallel import KVChunkAttention, check_context_parallel, context_parallel_attention
 
 __all__ = ["LiteProcessor", "qkv", "project_heads"]
 
@@ -25,24 +31,79 @@ class LiteProcessor:
     does not handle, e.g. cross-attention through a shared processor class). ``attention``: the LiteAttention of
     the current guidance branch, set by the handle. ``joint_text``: how joint text+video attention keeps text dense
     (:func:`liteattn.joint.joint_attention`), for families that have text tokens in the sequence.
+
+    ``context_parallel`` (class attribute): whether the family runs under diffusers' context parallelism. Setting
+    ``_parallel_config`` (diffusers' ``enable_parallelism`` does) checks it and passes it on to ``original``, so the
+    processor ``handle.disable()`` puts back runs in parallel too.
     """
 
     _attention_backend = None
-    _parallel_config = None
+    context_parallel = False
 
     def __init__(self, original, joint_text: Optional[str] = None):
         self.original = original
         self.joint_text = joint_text
         self._attention_backend = getattr(original, "_attention_backend", None)
+        self._config = None
         self._parallel_config = getattr(original, "_parallel_config", None)
         self.attention: Optional[LiteAttention] = None  # set by the handle before each call
+        # Ring: for each handle-set attention (one per layer and guidance branch), the attentions of the other K/V
+        # chunks (None at its own chunk); they go when the handle drops it.
+        self._others: "weakref.WeakKeyDictionary[LiteAttention, list]" = weakref.WeakKeyDictionary()
+
+    @property
+    def _parallel_config(self):
+        """diffusers' ``ParallelConfig`` when context parallelism is enabled on the model, else None."""
+        return self._config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        check_context_parallel(config, self.model_name, type(self).context_parallel)
+        self._config = config
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = config
+
+    @property
+    def model_name(self) -> str:
+        from .registry import families
+
+        names = [name for name, family in families().items() if family.processor is type(self)]
+        return names[0] if names else type(self).__name__
 
     def check_parallel(self) -> None:
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "liteattn does not support diffusers context parallelism yet: the skip state of a sharded sequence "
-                "would be per shard. Call handle.disable() before enabling parallelism."
-            )
+        """ValueError under context parallelism, for families that do not support it (a config set around the
+        checks of ``_parallel_config``'s setter)."""
+        check_context_parallel(self._parallel_config, self.model_name, type(self).context_parallel)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Video self-attention of ``(B, S, H, D)`` tensors through ``attention``; under context parallelism, of
+        this rank's token slice, through diffusers' Ulysses / ring with liteattn computing each piece."""
+        if self._parallel_config is None:
+            return self.attention(query, key, value)
+        cp = self._parallel_config.context_parallel_config
+        return context_parallel_attention(self.chunk_attention(cp.ring_degree, cp._ring_local_rank), query, key,
+                                          value, self._parallel_config)
+
+    def chunk_attention(self, num_chunks: int, own_chunk: int) -> KVChunkAttention:
+        """The K/V-chunk attentions of the current ``attention``: it serves this rank's own chunk ``own_chunk``; the
+        others are created with its settings and follow its threshold, skipping switch and resets."""
+        leader = self.attention
+        others = self._others.get(leader)
+        if others is None or len(others) != num_chunks or others[own_chunk] is not None:
+            others = KVChunkAttention.around(leader, num_chunks, own_chunk).attns
+            others[own_chunk] = None  # the leader itself: not held here, so the weak key can go with the handle
+            self._others[leader] = others
+        chunks = KVChunkAttention([leader if a is None else a for a in others])
+        chunks.follow(leader)
+        return chunks
+
+    def chunk_attentions(self, attention: LiteAttention) -> KVChunkAttention:
+        """The K/V-chunk attentions that ``attention`` (``handle.attention(layer, branch)``) leads under ring
+        parallelism (``[attention]`` alone without ring); their ``skip_state``s are this rank's decisions."""
+        others = self._others.get(attention)
+        if others is None:
+            return KVChunkAttention([attention])
+        return KVChunkAttention([attention if a is None else a for a in others])
 
     def joint(self, query, key, value, text_len: int, text_first: bool, attn_mask=None) -> torch.Tensor:
         """Joint attention of ``(B, N, H, D)`` tensors with this processor's strategy; a mask forces ``"split"``."""

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..parallel import check_context_parallel
+
 __all__ = ["ModelFamily", "register", "families", "supported_transformers", "find_transformers", "layers_to_patch"]
 
 # Pipeline attributes that may hold a denoiser (Wan 2.2 has two: high-noise and low-noise experts).
@@ -149,8 +151,8 @@ def layers_to_patch(family: ModelFamily, transformer_name: str, module, layers) 
                 "liteattn: leaving %s.%s alone: its processor is %s, not one of %s", transformer_name, name,
                 type(processor).__name__, [c.__name__ for c in originals])
             continue
-        if getattr(processor, "_parallel_config", None) is not None:
-            raise NotImplementedError("liteattn does not support diffusers context parallelism yet")
+        check_context_parallel(getattr(processor, "_parallel_config", None), family.transformer,
+                               family.processor.context_parallel)
         candidates.append((name, submodule))
     if not candidates:
         raise ValueError(f"{transformer_name} ({type(module).__name__}) has no video self-attention with its "

@@ -22,12 +22,13 @@ def _is_self_attention(name, module) -> bool:
 class LiteLTXVideoAttnProcessor(LiteProcessor):
     """``LTXVideoAttnProcessor`` for the self-attention (``attn1``) of LTX-Video blocks."""
 
+    context_parallel = True  # diffusers' _cp_plan splits the video tokens; text is cross-attention
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  image_rotary_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.check_parallel()
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -39,7 +40,7 @@ class LiteLTXVideoAttnProcessor(LiteProcessor):
         query = query.unflatten(2, (attn.heads, -1))  # (B, S, H, D)
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        hidden_states = self.attention(query, key, value)
+        hidden_states = self.attend(query, key, value)  # this rank's slice under context parallelism
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -22,12 +22,13 @@ def _is_self_attention(name, module) -> bool:
 class LiteWanAttnProcessor(LiteProcessor):
     """``WanAttnProcessor`` for the self-attention (``attn1``) of Wan 2.1/2.2 blocks, video attention via liteattn."""
 
+    context_parallel = True  # diffusers' _cp_plan splits the video tokens; text is cross-attention
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        self.check_parallel()
         query, key, value = qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
@@ -37,7 +38,7 @@ class LiteWanAttnProcessor(LiteProcessor):
         if rotary_emb is not None:
             query = _wan_rotary(query, *rotary_emb)
             key = _wan_rotary(key, *rotary_emb)
-        hidden_states = self.attention(query, key, value)
+        hidden_states = self.attend(query, key, value)  # this rank's slice under context parallelism
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
