@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from demo_quality import summarize  # noqa: E402
 
 RULES = ("max", "mass")
+KINDS = ("fixed", "calibrated", "calibrated+refresh")  # fixed thresholds; calibrated targets (without, with re-admission)
 # Thresholds (log2) that span roughly 0 to 40 % sparsity on the small demo model at 128-token tiles (checked on the
 # CPU: 1 prompt, 12 steps, float32); the grids are the same for 64-token tiles.
 MAX_THRESHOLDS = "0,-1,-2,-3,-4,-6,-8"
@@ -68,6 +69,7 @@ SYNTHETIC_MASS = "-2,-4,-6,-8,-10,-12,-14,-16"
 TARGETS = "0.01,0.02,0.04,0.08"
 LEVELS = "30,35,40,45,50"  # PSNR dB at which to compare sparsity
 ERROR_LEVELS = "0.005,0.01,0.015,0.03"  # worst rel-L2 at which to compare sparsity (synthetic)
+PSNR_CAP = 70.0  # dB: the plot's ceiling
 SYNTHETIC_LAYERS = ((0.3, 3.0), (0.03, 0.3))  # sharpness ranges over heads: a local "layer" and a broad one
 
 
@@ -166,8 +168,9 @@ def sample_run(model, tokens, *, steps: int, seed: int, sample_kwargs: dict, ena
     """One sampling of ``tokens`` (liteattn.demo.run's timed sampler): dense without ``enable_kwargs``, else through
     ``liteattn.enable(model.transformer, scheduler=..., **enable_kwargs)``, disabled again afterwards.
 
-    Returns ``videos``, ``attention_seconds``, ``total_seconds`` and, through liteattn, ``stats`` (the handle's);
-    ``save_profile``: write the handle's profile there after the run (a calibration run)."""
+    Returns ``videos``, ``attention_seconds``, ``total_seconds`` and, through liteattn, ``stats`` (the handle's) and,
+    for a calibration run or one with ``measure_error``, ``calibration_summary`` (the handle's, without its text
+    table); ``save_profile``: write the handle's profile there after the run (a calibration run)."""
     from liteattn.demo.run import _timed_sample
     from liteattn.demo.sample import make_scheduler
 
@@ -180,6 +183,12 @@ def sample_run(model, tokens, *, steps: int, seed: int, sample_kwargs: dict, ena
     try:
         result = _timed_sample(model, tokens, steps=steps, seed=seed, scheduler=scheduler, **sample_kwargs)
         result["stats"] = handle.stats()
+        if enable_kwargs.get("target_error") is not None or enable_kwargs.get("measure_error"):
+            try:
+                summary = handle.calibration_summary()
+                result["calibration_summary"] = {k: v for k, v in summary.items() if k != "table"}
+            except Exception as exc:  # noqa: BLE001 -- the numbers matter more than the summary
+                log(f"no calibration summary ({type(exc).__name__}: {exc})")
         if save_profile is not None:
             save_profile.parent.mkdir(parents=True, exist_ok=True)
             handle.save_profile(str(save_profile))
@@ -199,6 +208,19 @@ def quality_row(run: dict, dense_videos: torch.Tensor, **fields) -> dict:
     return dict(fields, sparsity=stats.get("mean_sparsity"), sparsity_last_step=per_step[-1] if per_step else None,
                 **summarize(psnr_db, ssim_values), psnr_db=psnr_db, ssim=ssim_values, sparsity_per_step=per_step,
                 attention_seconds=run["attention_seconds"], total_seconds=run["total_seconds"])
+
+
+def realised_error(summary: Optional[dict], target: float) -> Optional[dict]:
+    """From a calibration summary: the realised attention error of every (layer, step) against ``target``: the worst
+    and the median as multiples of the target, and the share within 1.25x of it (issue 13: within +-25 % or below)."""
+    layers = (summary or {}).get("layers") or {}
+    errors = [e for layer in layers.values() for e in layer.get("error", [])
+              if isinstance(e, (int, float)) and math.isfinite(e)]
+    if not errors:
+        return None
+    errors.sort()
+    return dict(worst_over_target=errors[-1] / target, median_over_target=errors[len(errors) // 2] / target,
+                within_125=sum(e <= 1.25 * target for e in errors) / len(errors), calls=len(errors))
 
 
 def _describe(row: dict) -> str:
@@ -241,6 +263,8 @@ class DemoEval:
         self.backend = "torch" if (device.type == "cuda" and dtype == torch.float32) else None  # the kernel: 16-bit
         results.data["meta"]["backend"] = self.backend or "automatic"
         self.run_seconds: Dict[int, float] = {}  # tile -> seconds of the latest liteattn run (the budget's estimate)
+        self.plain_calibration_runs: Dict[Tuple[int, str], dict] = {}  # (tile, rule) -> plain run, calibration batch
+        self.dense_calibration_seconds: Optional[float] = None
         self.dense = None
 
     def _run(self, tokens=None, enable_kwargs=None, save_profile=None) -> dict:
@@ -262,7 +286,7 @@ class DemoEval:
         if args.warmup:  # CUDA start-up, cuDNN / Triton autotuning: untimed
             log("warm-up (2 steps, dense and liteattn)")
             sample_run(self.model, self.tokens, steps=2, seed=args.seed, sample_kwargs=self.sample_kwargs)
-            for rule in RULES:
+            for rule in args.rules:
                 sample_run(self.model, self.tokens, steps=2, seed=args.seed, sample_kwargs=self.sample_kwargs,
                            enable_kwargs=self._enable_kwargs(args.tiles[0], threshold=-6.0, criterion=rule))
         self.dense = self._run()
@@ -275,7 +299,7 @@ class DemoEval:
         """Every threshold of both rules at ``tile``, the rules interleaved so that a budget cut leaves both curves."""
         grids = {"max": self.args.max_thresholds, "mass": self.args.mass_thresholds}
         order = [(rule, t) for i in range(max(map(len, grids.values())))
-                 for rule in RULES if i < len(grids[rule]) for t in [grids[rule][i]]]
+                 for rule in self.args.rules if i < len(grids[rule]) for t in [grids[rule][i]]]
         for rule, threshold in order:
             what = f"{self.args.model} tile {tile} {rule} {threshold:g}"
             if not self.budget.allows(self.estimate(tile)):
@@ -290,62 +314,79 @@ class DemoEval:
                 self.results.data["demo"].append(row)
                 log(f"{what}: {_describe(row)}")
 
-    def calibrated(self, tile: int) -> None:
-        """Per rule and target: a calibration run, its profile saved, then every prompt sampled with the profile."""
+    def calibrated(self, tile: int, refresh: bool = False) -> None:
+        """Per rule and target: a calibration run, its profile saved, then every prompt sampled with the profile.
+        ``refresh``: calibrate with re-admission (``enable(refresh=True)``), rows of kind ``calibrated+refresh``."""
         args, results = self.args, self.results
+        kind = "calibrated+refresh" if refresh else "calibrated"
         calibration_prompts = self.prompts[:1] if args.calibrate_on == "first" else self.prompts
         from liteattn.demo import data
 
         tokens = data.tokenize(calibration_prompts)
         dense_videos = self.dense["videos"][:len(calibration_prompts)]
         estimate = self.estimate(tile)
-        for rule in RULES:
+        for rule in args.rules:
             # A plain run of the calibration batch, for the calibration run's time: liteattn at a fixed threshold.
-            plain = None
-            if self.budget.allows(estimate):
+            plain = self.plain_calibration_runs.get((tile, rule))
+            if plain is None and self.budget.allows(estimate):
                 with results.stage(f"{args.model} tile {tile} {rule}: plain run of the calibration batch"):
-                    dense_calibration = self._run(tokens=tokens)
+                    if self.dense_calibration_seconds is None:
+                        self.dense_calibration_seconds = self._run(tokens=tokens)["total_seconds"]
                     plain = self._run(tokens=tokens, enable_kwargs=self._enable_kwargs(tile, threshold=-8.0,
                                                                                        criterion=rule))
+                    self.plain_calibration_runs[tile, rule] = plain
                     results.data["calibration"]["timing"].append(dict(
                         model=args.model, tile=tile, rule=rule, prompts=len(calibration_prompts),
-                        dense_seconds=dense_calibration["total_seconds"],
+                        dense_seconds=self.dense_calibration_seconds,
                         plain_seconds=plain["total_seconds"], plain_threshold=-8.0))
             for target in args.targets:
-                what = f"{args.model} tile {tile} {rule} target {target:g}"
+                what = f"{args.model} tile {tile} {rule} target {target:g}{' refresh' if refresh else ''}"
                 if not self.budget.allows(None if estimate is None else 3 * estimate):
                     results.skip(what, f"time budget ({self.budget.elapsed():.0f} of {self.budget.seconds:.0f} s "
                                        f"used, a calibration and a run take ~{3 * estimate:.0f} s)")
                     continue
                 with results.stage(what):
-                    profile = args.out / "profiles" / f"{args.model}_tile{tile}_{rule}_{target:g}.json"
-                    calibration = self._run(tokens=tokens, save_profile=profile, enable_kwargs=self._enable_kwargs(
-                        tile, target_error=target, criterion=rule))
+                    name = f"{args.model}_tile{tile}_{rule}_{target:g}{'_refresh' if refresh else ''}"
+                    profile = args.out / "profiles" / f"{name}.json"
+                    calibrate = dict(target_error=target, criterion=rule)
+                    if refresh:
+                        calibrate["refresh"] = True
+                    calibration = self._run(tokens=tokens, save_profile=profile,
+                                            enable_kwargs=self._enable_kwargs(tile, **calibrate))
                     calibration_row = quality_row(calibration, dense_videos)
+                    summary = calibration.get("calibration_summary")
                     run = self._run_profile(tile, rule, profile)
                     self.run_seconds.setdefault(tile, run["total_seconds"])
                     row = quality_row(
-                        run, self.dense["videos"], model=args.model, tile=tile, rule=rule, kind="calibrated",
+                        run, self.dense["videos"], model=args.model, tile=tile, rule=rule, kind=kind,
                         target_error=target, profile=str(profile),
                         calibration=dict(prompts=len(calibration_prompts), seconds=calibration["total_seconds"],
                                          plain_seconds=plain["total_seconds"] if plain else None,
                                          sparsity=calibration_row["sparsity"],
                                          psnr_db_mean=calibration_row["psnr_db_mean"],
-                                         sparsity_per_step=calibration_row["sparsity_per_step"]))
+                                         sparsity_per_step=calibration_row["sparsity_per_step"],
+                                         realised=realised_error(summary, target), summary=summary))
+                    if run.get("calibration_summary") is not None:  # --measure-error: the profile on new prompts
+                        row["profile_run_realised"] = realised_error(run["calibration_summary"], target)
+                        row["profile_run_summary"] = run["calibration_summary"]
                     results.data["demo"].append(row)
                     ratio = f" ({calibration['total_seconds'] / plain['total_seconds']:.2f}x a plain run)" if plain else ""
+                    realised = row["calibration"]["realised"]
+                    within = (f", realised error: worst {realised['worst_over_target']:.2f}x the target, "
+                              f"{realised['within_125']:.0%} of calls within 1.25x" if realised else "")
                     log(f"{what}: calibration {calibration['total_seconds']:.1f} s{ratio}, sparsity "
-                        f"{calibration_row['sparsity'] or 0:.1%}; with the profile: {_describe(row)}")
+                        f"{calibration_row['sparsity'] or 0:.1%}{within}; with the profile: {_describe(row)}")
 
     def _run_profile(self, tile: int, rule: str, profile: pathlib.Path) -> dict:
         """Sample every prompt with a saved profile. The profile may carry its own rule: if ``enable`` refuses the
         criterion beside it, try once without."""
+        extra = dict(measure_error=True) if self.args.measure_error else {}
         try:
-            return self._run(enable_kwargs=self._enable_kwargs(tile, profile=str(profile), criterion=rule))
+            return self._run(enable_kwargs=self._enable_kwargs(tile, profile=str(profile), criterion=rule, **extra))
         except (TypeError, ValueError) as first:
             log(f"enable(profile=..., criterion={rule!r}) refused ({first}); once more without criterion")
             try:
-                return self._run(enable_kwargs=self._enable_kwargs(tile, profile=str(profile)))
+                return self._run(enable_kwargs=self._enable_kwargs(tile, profile=str(profile), **extra))
             except Exception:
                 raise first
 
@@ -378,7 +419,7 @@ def synthetic(args, results: Results, budget: Budget, device) -> None:
     grids = {"max": args.synthetic_max, "mass": args.synthetic_mass}
     estimate = None
     for tile in args.tiles:
-        for rule in RULES:
+        for rule in args.rules:
             for threshold in grids[rule]:
                 what = f"synthetic tile {tile} {rule} {threshold:g}"
                 if not budget.allows(estimate):
@@ -452,6 +493,10 @@ def _ratio(num: Tuple[Optional[float], str], den: Tuple[Optional[float], str]) -
     return f"{prefix}{a / b:.2f}x"
 
 
+def _label(rule: str, kind: str) -> str:
+    return rule if kind == "fixed" else f"{rule} ({kind})"
+
+
 def _fmt(x: Optional[float], spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
@@ -472,7 +517,8 @@ def markdown(documents: Sequence[dict], levels: Sequence[float], error_levels: S
     panels = sorted({(m, t) for m, t, _, _ in groups}, key=lambda p: (p[0], -p[1]))
     for doc in documents:
         meta = doc["meta"]
-        out.append(f"**{meta.get('model')}** model ({meta.get('source')}): {len(meta.get('prompts') or [])} prompts x "
+        source = ", ".join(f"{k} {v}" for k, v in (meta.get("source") or {}).items())
+        out.append(f"**{meta.get('model')}** model ({source}): {len(meta.get('prompts') or [])} prompts x "
                    f"{meta.get('steps')} steps, guidance {meta.get('guidance')}, batch {len(meta.get('prompts') or [])},"
                    f" {meta.get('card')} {meta.get('dtype')} (liteattn backend {meta.get('backend')}), torch "
                    f"{meta.get('torch')}, triton {meta.get('triton')}, {meta.get('date')}; dense total "
@@ -482,46 +528,55 @@ def markdown(documents: Sequence[dict], levels: Sequence[float], error_levels: S
         out.append("| rule | threshold / target | sparsity (mean / last step) | PSNR dB (mean / median / min) | "
                    "SSIM (mean / median / min) | total s |")
         out.append("|---|---:|---:|---:|---:|---:|")
-        for kind in ("fixed", "calibrated"):
+        for kind in KINDS:
             for rule in RULES:
                 for r in groups.get((model, tile, rule, kind), []):
                     setting = f"{r['threshold']:g}" if kind == "fixed" else f"target {r['target_error']:g}"
                     psnr = ("identical" if r["psnr_db_mean"] is None else
                             f"{r['psnr_db_mean']:.1f} / {r['psnr_db_median']:.1f} / {r['psnr_db_min']:.1f}")
-                    out.append(f"| {rule}{' (calibrated)' if kind == 'calibrated' else ''} | {setting} | "
+                    out.append(f"| {_label(rule, kind)} | {setting} | "
                                f"{_fmt(r['sparsity'], '.1%')} / {_fmt(r['sparsity_last_step'], '.1%')} | {psnr} | "
                                f"{r['ssim_mean']:.4f} / {r['ssim_median']:.4f} / {r['ssim_min']:.4f} | "
                                f"{r['total_seconds']:.2f} |")
-    calibrated_rows = [r for r in demo_rows if r["kind"] == "calibrated"]
+    calibrated_rows = [r for r in demo_rows if r["kind"] != "fixed"]
     if calibrated_rows:
         out.append("\n#### Calibration runs\n")
+        out.append("(calibration run: the calibration prompts; realised error: every layer call's attention rel-L2 "
+                   "against dense in that run, as multiples of the target; profile run: every prompt, with the "
+                   "saved profile)\n")
         out.append("| model | tile | rule | target | calibration run s | plain run s (same batch) | ratio | "
-                   "calibration-run sparsity | calibration-run PSNR dB | profile-run sparsity |")
-        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+                   "calibration-run sparsity | realised error: worst / median x target, share <= 1.25x | "
+                   "profile-run sparsity | profile-run realised error |")
+        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+        def realised(x):
+            return ("—" if not x else f"{x['worst_over_target']:.2f} / {x['median_over_target']:.2f}, "
+                                      f"{x['within_125']:.0%}")
+
         for r in calibrated_rows:
             c = r["calibration"]
             ratio = f"{c['seconds'] / c['plain_seconds']:.2f}x" if c.get("plain_seconds") else "—"
-            out.append(f"| {r['model']} | {r['tile']} | {r['rule']} | {r['target_error']:g} | {c['seconds']:.2f} | "
-                       f"{_fmt(c.get('plain_seconds'), '.2f')} | {ratio} | {_fmt(c.get('sparsity'), '.1%')} | "
-                       f"{_fmt(c.get('psnr_db_mean'), '.1f')} | {_fmt(r['sparsity'], '.1%')} |")
+            out.append(f"| {r['model']} | {r['tile']} | {_label(r['rule'], r['kind'])} | {r['target_error']:g} | "
+                       f"{c['seconds']:.2f} | {_fmt(c.get('plain_seconds'), '.2f')} | {ratio} | "
+                       f"{_fmt(c.get('sparsity'), '.1%')} | {realised(c.get('realised'))} | "
+                       f"{_fmt(r['sparsity'], '.1%')} | {realised(r.get('profile_run_realised'))} |")
     notes = [doc["calibration"].get("note") for doc in documents if doc["calibration"].get("note")]
     if panels:
         out.append("\n#### Sparsity at equal PSNR (mean over prompts; interpolated along each curve)\n")
-        out.append("| model | tile | PSNR dB | max | mass | mass / max | calibrated max | calibrated mass | "
-                   "calibrated mass / max |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        present = [(rule, kind) for kind in KINDS for rule in RULES if any(key[2:] == (rule, kind) for key in groups)]
+        baseline = ("max", "fixed")
+        others = [c for c in present if c != baseline]
+        out.append("| model | tile | PSNR dB | " + " | ".join(_label(*c) for c in present) + " | "
+                   + " | ".join(f"{_label(*c)} / max" for c in others) + " |")
+        out.append("|---|---:|---:|" + "---:|" * (len(present) + len(others)))
         for model, tile in panels:
-            at = {}
-            for rule in RULES:
-                for kind in ("fixed", "calibrated"):
-                    points = [(r["sparsity"], r["psnr_db_mean"]) for r in groups.get((model, tile, rule, kind), [])]
-                    at[rule, kind] = {level: sparsity_at(points, level) for level in levels}
+            at = {c: {level: sparsity_at([(r["sparsity"], r["psnr_db_mean"])
+                                          for r in groups.get((model, tile) + c, [])], level) for level in levels}
+                  for c in present}
             for level in levels:
-                get = lambda rule, kind: at[rule, kind][level]  # noqa: E731
-                out.append(f"| {model} | {tile} | {level:g} | {_fmt_at(get('max', 'fixed'))} | "
-                           f"{_fmt_at(get('mass', 'fixed'))} | {_ratio(get('mass', 'fixed'), get('max', 'fixed'))} | "
-                           f"{_fmt_at(get('max', 'calibrated'))} | {_fmt_at(get('mass', 'calibrated'))} | "
-                           f"{_ratio(get('mass', 'calibrated'), get('max', 'fixed'))} |")
+                out.append(f"| {model} | {tile} | {level:g} | " + " | ".join(_fmt_at(at[c][level]) for c in present)
+                           + " | " + " | ".join(_ratio(at[c][level], at[baseline][level]) if baseline in at else "—"
+                                                for c in others) + " |")
         out.append("\n(\">=\": the curve stays above the level up to its sparsest point; \"<\": no point reaches it; "
                    "ratios against the fixed-threshold max rule, today's default.)")
     synthetic_rows = [dict(r, source=i) for i, doc in enumerate(documents) for r in doc["synthetic"]["rows"]]
@@ -589,11 +644,16 @@ def plot(documents: Sequence[dict], path: pathlib.Path) -> Optional[pathlib.Path
             rows = [r for r in rows if r["sparsity"] is not None and r["psnr_db_mean"] is not None]
             if not rows:
                 continue
-            xs, ys = [100 * r["sparsity"] for r in rows], [r["psnr_db_mean"] for r in rows]
-            ax.plot(xs, ys, "o-" if kind == "fixed" else "s--", color=colours[rule], markersize=4,
-                    label=f"{rule}, {'fixed threshold' if kind == 'fixed' else 'calibrated target'}")
+            # Above PSNR_CAP the videos are practically identical: drawn at the cap, labelled with their value.
+            xs, ys = [100 * r["sparsity"] for r in rows], [min(r["psnr_db_mean"], PSNR_CAP) for r in rows]
+            style = {"fixed": "o-", "calibrated": "s--"}.get(kind, "^:")
+            ax.plot(xs, ys, style, color=colours[rule], markersize=4,
+                    label=f"{rule}, " + {"fixed": "fixed threshold", "calibrated": "calibrated target"}.get(
+                        kind, "calibrated target + refresh"))
             for x, y, r in zip(xs, ys, rows):
                 text = f"{r['threshold']:g}" if kind == "fixed" else f"{r['target_error']:g}"
+                if r["psnr_db_mean"] > PSNR_CAP:
+                    text += f" ({r['psnr_db_mean']:.0f} dB)"
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=colours[rule])
         ax.set_title(f"{model} demo model, tile {tile}: final videos vs dense", fontsize="small")
         ax.set_xlabel("mean sparsity (%)")
@@ -649,11 +709,17 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default the demo's, 4)")
     p.add_argument("--tiles", default="128,64", help="tile sizes, in priority order")
+    p.add_argument("--rules", default=",".join(RULES), help="keep rules to measure")
     p.add_argument("--max-thresholds", default=MAX_THRESHOLDS)
     p.add_argument("--mass-thresholds", default=MASS_THRESHOLDS)
     p.add_argument("--targets", default=TARGETS, help="calibration targets (attention rel-L2 error)")
     p.add_argument("--calibrate-on", choices=("first", "all"), default="first",
                    help="the prompts of the calibration run: the first one, or all")
+    p.add_argument("--refresh", action="store_true",
+                   help="also calibrate with re-admission (enable(refresh=True)), at the first tile size, last")
+    p.add_argument("--measure-error", action="store_true",
+                   help="profile runs also measure their attention error against dense (one extra dense pass per "
+                        "call): does the profile keep its budget on other prompts?")
     p.add_argument("--levels", default=LEVELS, help="PSNR levels (dB) for sparsity at equal PSNR")
     p.add_argument("--error-levels", default=ERROR_LEVELS, help="synthetic: worst rel-L2 levels")
     p.add_argument("--stages", default="fixed,synthetic,calibrated",
@@ -674,13 +740,15 @@ def parse(argv=None):
                                                         "rule, tile 128, a small synthetic grid")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="only print the tables and draw the plot of saved results (several files: one figure)")
+    if p.parse_known_args(argv)[0].quick:  # new defaults: options given explicitly still win
+        p.set_defaults(steps=3, num_prompts=1, frames=4, tiles="128", max_thresholds="-2,-6", mass_thresholds="-4,-10",
+                       targets="0.02,0.08", synthetic_grid="4,16,16", synthetic_steps=4, synthetic_max="-2,-6",
+                       synthetic_mass="-4,-10")
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_prompts, args.frames = min(args.steps, 3), 1, args.frames or 4
-        args.tiles, args.max_thresholds, args.mass_thresholds = "128", "-2,-6", "-4,-10"
-        args.targets, args.synthetic_grid, args.synthetic_steps = "0.02,0.08", "4,16,16", 4
-        args.synthetic_max, args.synthetic_mass = "-2,-6", "-4,-10"
     args.tiles = [int(t) for t in args.tiles.split(",")]
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not args.rules or set(args.rules) - set(RULES):
+        p.error(f"--rules: {args.rules} (accepted: {', '.join(RULES)})")
     for name in ("max_thresholds", "mass_thresholds", "targets", "levels", "error_levels", "synthetic_max",
                  "synthetic_mass"):
         setattr(args, name, floats(getattr(args, name)))
@@ -749,6 +817,9 @@ def main(argv=None) -> int:
                 synthetic(args, results, budget, device)
         if demo is not None and calibrate:
             demo.calibrated(tile)
+    if demo is not None and calibrate and args.refresh:  # re-admission (issue 13, item 3): after the rest
+        for tile in args.tiles[:1]:
+            demo.calibrated(tile, refresh=True)
     results.save()
     log(f"done in {budget.elapsed():.0f} s: {results.path}")
     report([results.data], results.path.with_suffix(".png"), args.levels, args.error_levels)
