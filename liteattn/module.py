@@ -15,11 +15,15 @@ import torch
 
 from . import backends
 from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold, needs_lse
-from .ops import check_inputs, lite_attention
+from .ops import check_inputs, plan_call, run_plan
 from .skip import check_tile, fraction_skipped, normalize_ranges
 from .state import SkipState
 
 logger = logging.getLogger("liteattn")
+
+_MINUS_INF = -math.inf
+_MAX_PLANS = 16  # signatures a layer remembers (a run has one or two: warm-up and skipping)
+_UNCACHEABLE = object()  # a range argument the plan cache does not key on (a tensor, a user type): validate each call
 
 __all__ = ["LiteAttention", "SeqParallelLiteAttention"]
 
@@ -64,6 +68,7 @@ class LiteAttention:
         self.tile_q, self.tile_k = tile_q, tile_k
         self._state: Optional[SkipState] = None
         self.computed_tiles: Optional[torch.Tensor] = None
+        self._plans: dict = {}  # call signature -> _Plans (validated once per signature; see __call__)
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -72,6 +77,8 @@ class LiteAttention:
 
     @threshold.setter
     def threshold(self, value) -> None:
+        if type(value) is float and value == self._threshold:  # the handle sets it per layer and call: no work
+            return
         value = check_threshold(value)
         if value != self._threshold:
             self._threshold_tensor.fill_(value)  # in place: compiled graphs read the new value, no recompile
@@ -90,11 +97,13 @@ class LiteAttention:
         if self._state is not None:
             self._state.reset()
         self.computed_tiles = None
+        self._plans.clear()  # a new run validates its first call again (once per run and layer)
 
     def free_skip_state(self) -> None:
         """Drop the skip state and its device memory; the next skipping call starts from a fresh one."""
         self._state = None
         self.computed_tiles = None
+        self._plans.clear()
 
     # -- inspection ----------------------------------------------------------------------------
     @property
@@ -143,39 +152,138 @@ class LiteAttention:
                                 with_lse=needs_lse(self.criterion))
         self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32, device=query.device)
         self.computed_tiles = None
+        self._plans.clear()  # they hold the old state's tensors and threshold tensor
         return self._state
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None,
                  return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None, must_do_q_list=None):
         """``must_do_list`` / ``must_skip_list``: key-token ranges; ``must_do_q_list``: query-token ranges whose
-        q-tiles never drop a tile (text rows of joint attention). All are half-open ``[(start, end), ...]``."""
+        q-tiles never drop a tile (text rows of joint attention). All are half-open ``[(start, end), ...]``.
+
+        Validation runs once per signature: the shapes, dtypes and devices of q, k, v, the scale, the ranges and this
+        layer's settings. A call whose signature was validated before, with the same skip state, reuses that
+        validation's plan (:func:`liteattn.ops.plan_call`) and costs a few µs of Python; any change (or a tensor
+        subclass, tensor-valued ranges or scale, torch.compile) takes the fully validated path.
+        """
+        signature = None
+        if not torch.compiler.is_compiling():
+            signature = self._signature(query, key, value, scale, return_softmax_lse, must_do_list, must_skip_list,
+                                        must_do_q_list)
+            plans = self._plans.get(signature) if signature is not None else None
+            if plans is not None and not self.enable_skipping:  # (the signature holds enable_skipping)
+                self.computed_tiles = None
+                return run_plan(query, key, value, plans.dense)
+            if plans is not None and plans.state is self._state:
+                state = plans.state
+                if self._threshold == _MINUS_INF and state.untouched and not plans.must_skip:
+                    if plans.dense is not None:
+                        self.computed_tiles = state.counts
+                        return run_plan(query, key, value, plans.dense)
+                elif plans.skipping is not None:
+                    if self._threshold != _MINUS_INF:
+                        state.untouched = False
+                    result = run_plan(query, key, value, plans.skipping)
+                    self.computed_tiles = state.counts
+                    return result
+        return self._validated_call(query, key, value, scale, return_softmax_lse, must_do_list, must_skip_list,
+                                    must_do_q_list, signature)
+
+    def _signature(self, query, key, value, scale, return_lse, must_do, must_skip, must_do_q) -> Optional[tuple]:
+        """What a call's validation depends on, hashable; None when the call is not to be cached."""
+        if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+            return None  # not tensors (the validation names them), or subclasses: validated every call
+        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
+            return None
+        ranges = (_frozen(must_do), _frozen(must_skip), _frozen(must_do_q))
+        if _UNCACHEABLE in ranges:
+            return None
+        signature = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+                     key.device, value.device, scale, return_lse, ranges, self.enable_skipping, self.max_batch_size,
+                     self.backend, self.criterion, self.tile_q, self.tile_k)
+        if self.backend == "triton":  # runs on the CPU only under the interpreter
+            signature += (backends.interpreter_on(),)
+        return signature
+
+    def _validated_call(self, query, key, value, scale, return_softmax_lse, must_do_list, must_skip_list,
+                        must_do_q_list, signature):
         check_inputs(query, key, value)
         if query.shape[0] > self.max_batch_size:
             raise ValueError(f"batch size {query.shape[0]} exceeds max_batch_size={self.max_batch_size}; "
                              f"construct LiteAttention(max_batch_size={query.shape[0]}) or larger")
+        dense_args = dict(scale=scale, return_lse=return_softmax_lse, backend=self.backend, tile_q=self.tile_q,
+                          tile_k=self.tile_k)
         if not self.enable_skipping:
+            plan = plan_call(query, key, value, **dense_args)
+            self._remember(signature, None, (), dense=plan)
             self.computed_tiles = None
-            return lite_attention(query, key, value, scale=scale, return_lse=return_softmax_lse,
-                                  backend=self.backend, tile_q=self.tile_q, tile_k=self.tile_k)
+            return run_plan(query, key, value, plan)
         B, Sq, H, _ = query.shape
         must_skip = normalize_ranges(must_skip_list, key.shape[1], "must_skip_list")
         state = self._state
         if state is None or not state.matches(B, H, Sq, key.shape[1], query.device, must_skip):
             state = self._new_state(query, key, must_skip)
-        if (not torch.compiler.is_compiling() and self._threshold == -math.inf and state.untouched
+        if (not torch.compiler.is_compiling() and self._threshold == _MINUS_INF and state.untouched
                 and not must_skip):
             # Nothing can be dropped and nothing has been: plain attention, the fastest path there is (eager only:
             # a compiled graph must not specialise on the threshold's value).
+            plan = plan_call(query, key, value, **dense_args)
+            self._remember(signature, state, must_skip, dense=plan)
             self.computed_tiles = state.counts
-            return lite_attention(query, key, value, scale=scale, return_lse=return_softmax_lse, backend=self.backend,
-                                  tile_q=self.tile_q, tile_k=self.tile_k)
-        if torch.compiler.is_compiling() or self._threshold != -math.inf:
+            return run_plan(query, key, value, plan)
+        plan = plan_call(query, key, value, state=state, threshold=self._threshold_tensor, criterion=self.criterion,
+                         scale=scale, must_do=must_do_list, must_do_q=must_do_q_list, return_lse=return_softmax_lse,
+                         backend=self.backend)
+        self._remember(signature, state, must_skip, skipping=plan)
+        if torch.compiler.is_compiling() or self._threshold != _MINUS_INF:
             state.untouched = False
-        result = lite_attention(query, key, value, state=state, threshold=self._threshold_tensor,
-                                criterion=self.criterion, scale=scale, must_do=must_do_list, must_do_q=must_do_q_list,
-                                return_lse=return_softmax_lse, backend=self.backend)
+        result = run_plan(query, key, value, plan)
         self.computed_tiles = state.counts  # what this call computed, until this layer's next call
         return result
+
+    def _remember(self, signature, state, must_skip, *, dense=None, skipping=None) -> None:
+        """Keep a validated plan for later calls with this signature (eager mode only)."""
+        if signature is None or torch.compiler.is_compiling():
+            return
+        plans = self._plans.get(signature)
+        if plans is None or plans.state is not state:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plans = self._plans[signature] = _Plans(state, bool(must_skip))
+        if dense is not None:
+            plans.dense = dense
+        if skipping is not None:
+            plans.skipping = skipping
+
+
+class _Plans:
+    """A layer's validated plans for one call signature: ``dense`` (plain attention: skipping off, or -inf on an
+    untouched state) and ``skipping`` (through ``state``), each made on first use."""
+
+    __slots__ = ("state", "must_skip", "dense", "skipping")
+
+    def __init__(self, state: Optional[SkipState], must_skip: bool):
+        self.state = state  # the skip state the plans were made for (None with skipping off)
+        self.must_skip = must_skip  # whether the signature has must-skip ranges (then -inf is not plain attention)
+        self.dense = None
+        self.skipping = None
+
+
+def _frozen(ranges):
+    """A hashable copy of a range argument as given (pairs or the flat form; normalised only when validated), or
+    ``_UNCACHEABLE`` for anything but lists and tuples of Python ints (tensors could change in place)."""
+    if ranges is None:
+        return None
+    if type(ranges) is not list and type(ranges) is not tuple:
+        return _UNCACHEABLE
+    frozen = []
+    for item in ranges:
+        if type(item) is int:
+            frozen.append(item)
+        elif (type(item) is tuple or type(item) is list) and all(type(x) is int for x in item):
+            frozen.append(tuple(item))
+        else:
+            return _UNCACHEABLE
+    return tuple(frozen)
 
 
 class SeqParallelLiteAttention:

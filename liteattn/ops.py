@@ -19,7 +19,7 @@ from .state import SkipState, bits_from_dense, dense_from_bits
 from .skip import (SkipList, check_tile, compact_from_dense, dense_from_compact, normalize_ranges, num_tiles,
                    tiles_overlapping)
 
-__all__ = ["lite_attention", "check_inputs"]
+__all__ = ["lite_attention", "check_inputs", "plan_call", "run_plan"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,27 +64,34 @@ def _check_scale(scale, head_dim: int) -> float:
 # years; should one go missing, every call takes the custom op).
 _WATCHERS = tuple(getattr(torch._C, name, lambda: True) for name in (
     "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)  # torch.jit.is_tracing without its wrapper
 
 
 def _through_the_op(q, k, v) -> bool:
     """Whether this call must go through the custom op ``liteattn::attention_fwd`` rather than call the op's
-    Python function (the same computation) directly.
+    Python function (the same computation) directly. ``q``, ``k``, ``v`` have been validated (one device).
 
     Plain eager calls skip the dispatcher: PyTorch wraps a custom op's kernel in a guard that imports
     torch._dynamo on the op's first call in a process (about 1.5 s on a CPU), which an eager sampling loop does not
     need. The op is used whenever something watches or transforms the call: torch.compile, export, jit.trace,
     autograd (a backward must raise "no autograd formula"), autocast, functorch transforms (vmap, grad), dispatch
     and function modes (FakeTensorMode, make_fx, FlopCounterMode, ``with torch.device(...)``), tensor subclasses,
-    and devices other than cpu and cuda (meta).
+    and devices other than cpu and cuda (meta). It runs on every call (these are states of the caller, not of the
+    inputs' shapes), so it reads only flags: about 1 us.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or _is_tracing():
         return True
-    tensors = (q, k, v)
-    if any(type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda") for t in tensors):
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return True
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if q.is_cuda:
+        device = "cuda"
+    elif q.is_cpu:
+        device = "cpu"
+    else:
         return True
-    return torch.is_autocast_enabled(q.device.type) or any(watcher() for watcher in _WATCHERS)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return True
+    return bool(torch.is_autocast_enabled(device) or _WATCHERS[0]() or _WATCHERS[1]() or _WATCHERS[2]())
 
 
 _DIRECT = {}  # custom op name -> its Python function
@@ -167,6 +174,10 @@ def _attention_fwd(
     return out, (lse if lse is not None else q.new_empty(0, dtype=torch.float32))
 
 
+_attention_fwd_direct = _DIRECT["_attention_fwd"]
+_RETURN_LSE = -2  # where a plan (the op's arguments after q, k, v) holds return_lse
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, criterion,
       lse_state, bits, scale, tile_q, tile_k, return_lse, backend):
@@ -242,6 +253,22 @@ def lite_attention(
     Returns:
         ``out (B, Sq, H, Dv)`` in the input dtype, or ``(out, lse)``.
     """
+    return run_plan(q, k, v, plan_call(q, k, v, read=read, write=write, state=state, threshold=threshold,
+                                       criterion=criterion, lse_state=lse_state, scale=scale, must_do=must_do,
+                                       must_do_q=must_do_q, return_lse=return_lse, backend=backend, tile_q=tile_q,
+                                       tile_k=tile_k))
+
+
+def plan_call(q, k, v, *, read=None, write=None, state=None, threshold=-10.0, criterion=DEFAULT_CRITERION,
+              lse_state=None, scale=None, must_do=None, must_do_q=None, return_lse=False, backend=None, tile_q=None,
+              tile_k=None) -> tuple:
+    """Everything :func:`lite_attention` does before computing: validate the arguments (ValueError/TypeError as
+    documented there), resolve the backend, turn the ranges into tile tensors. Returns the plan, an opaque tuple
+    that :func:`run_plan` runs on these ``q``, ``k``, ``v``, or on any later tensors of the same shapes, dtypes and
+    devices: a caller that checks that (``LiteAttention`` keys its plans on it) validates once per shape, not per
+    call. The plan holds no reference to ``q``, ``k``, ``v``; it holds the lists' and the state's tensors, the
+    threshold tensor and the must-do tile tensors, which the calls read and update in place.
+    """
     check_inputs(q, k, v)
     criterion = check_criterion(criterion)
     scale = _check_scale(scale, q.shape[-1])
@@ -266,19 +293,23 @@ def lite_attention(
     must_do_q_tiles = _tiles_or_none(normalize_ranges(must_do_q, Sq, "must_do_q"), Sq, tile_q, q.device)
     plain = read is None and write is None and state is None and not return_lse and lse_state is None
     name = backends.choose(backend, q, v, tile_q, tile_k, plain=plain)
-
-    op = torch.ops.liteattn.attention_fwd if _through_the_op(q, k, v) else _DIRECT["_attention_fwd"]
     if state is not None:  # expanded into a transient list, flagged in transient flags, packed back into the bits
         lists = (None, state.counts, None, None)
     else:
         lists = (None if read is None else read.kv_indices, None if read is None else read.kv_counts,
                  None if write is None else write.kv_indices, None if write is None else write.kv_counts)
     decides = write is not None or state is not None
-    out, lse = op(
-        q, k, v, *lists, must_do_k_tiles, must_do_q_tiles, threshold if decides else None, criterion, lse_state,
-        None if state is None else state.bits, scale, tile_q, tile_k, return_lse, name,
-    )
-    return (out, lse) if return_lse else out
+    return (*lists, must_do_k_tiles, must_do_q_tiles, threshold if decides else None, criterion, lse_state,
+            None if state is None else state.bits, scale, tile_q, tile_k, bool(return_lse), name)
+
+
+def run_plan(q, k, v, plan: tuple):
+    """Run a :func:`plan_call` plan on ``q``, ``k``, ``v`` (of the shapes, dtypes and devices it was made for):
+    ``out``, or ``(out, lse)`` when the plan returns the LSE. Through the custom op when something watches the call
+    (:func:`_through_the_op`), else its function directly."""
+    op = torch.ops.liteattn.attention_fwd if _through_the_op(q, k, v) else _attention_fwd_direct
+    out, lse = op(q, k, v, *plan)
+    return (out, lse) if plan[_RETURN_LSE] else out
 
 
 def _check_state(state, q, k, read, write, lse_state, tile_q, tile_k) -> None:
