@@ -92,7 +92,7 @@ def build_model(config, device, dtype):
 def enable_parallelism(model, device, **degrees):
     from diffusers import ContextParallelConfig
 
-    if device.type == "cpu":  # diffusers 0.42.1 computes rank % accelerator count: 0 without one (tests/test_parallel.py)
+    if device.type == "cpu":  # diffusers 0.42.1 divides the rank by the accelerator count (tests/test_parallel.py)
         with mock.patch.object(torch.accelerator, "device_count", lambda: 1):
             model.enable_parallelism(config=ContextParallelConfig(**degrees))
     else:
@@ -348,7 +348,8 @@ def table_of(rows) -> str:
     one_gpu = {(r["shape"], r["attention"], r.get("forced", False)): r for r in rows
                if r["gpus"] == 1 and "ms" in r}
     lines = ["| shape | GPUs | parallel | attention | read sparsity | ms/step | speed-up vs 1 GPU (same row) | "
-             "vs 1 GPU diffusers | rel. err (vs) | skip state MB/rank |", "|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
+             "vs 1 GPU diffusers | rel. err (vs) | skip state MB/rank |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         label = f"{r['shape']} ({r['tokens']} tok, {r['layers']} blk)"
         if "error" in r:

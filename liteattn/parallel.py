@@ -192,21 +192,27 @@ def ring_attention(attn: KVChunkAttention, query: torch.Tensor, key: torch.Tenso
 
 # -- diffusers' context parallelism ----------------------------------------------------------------------------------
 
-def check_context_parallel(parallel_config, model: str, supported: bool) -> None:
+def check_context_parallel(parallel_config, model: str, modes: Tuple[str, ...], why: str = "") -> None:
     """ValueError unless liteattn can run ``model``'s attention under this diffusers ``ParallelConfig``.
 
-    ``supported``: whether liteattn's processor for the model family runs under context parallelism (the family has
-    a ``_cp_plan`` in diffusers that splits its video tokens)."""
+    ``modes``: the kinds of context parallelism the model family runs under (``"ulysses"``, ``"ring"``: which of
+    ``ulysses_degree`` / ``ring_degree`` may exceed 1); empty when it has no context-parallel plan in diffusers.
+    ``why``: one line on what keeps a family out of the other mode."""
     if parallel_config is None:
         return
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:  # tensor parallelism alone never reaches the processors
         return
-    if not supported:
+    if not modes:
         raise ValueError(f"liteattn cannot run {model} under diffusers context parallelism (it has no context-"
                          f"parallel plan in diffusers {DIFFUSERS_TESTED[0]}.x); liteattn supports it for "
-                         f"WanTransformer3DModel and LTXVideoTransformer3DModel. Run {model} on one GPU per "
-                         f"process, or call handle.disable() before enable_parallelism")
+                         f"WanTransformer3DModel (Ulysses, ring, both) and LTXVideoTransformer3DModel (ring). Run "
+                         f"{model} on one GPU per process, or call handle.disable() before enable_parallelism")
+    asked = [name for name, degree in (("ulysses", cp.ulysses_degree), ("ring", cp.ring_degree)) if degree > 1]
+    refused = [name for name in asked if name not in modes]
+    if refused:
+        raise ValueError(f"liteattn runs {model} under {' and '.join(modes)} context parallelism, not "
+                         f"{' and '.join(refused)}_degree > 1{': ' + why if why else ''}")
     if getattr(parallel_config, "tensor_parallel_config", None) is not None:
         raise ValueError("liteattn supports diffusers context parallelism (ulysses_degree, ring_degree or both), not "
                          "context parallelism combined with tensor parallelism")

@@ -12,6 +12,7 @@ diffusers' own Ulysses / ring machinery with liteattn computing each piece (:mod
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Optional
 
@@ -23,6 +24,9 @@ from ..parallel import KVChunkAttention, check_context_parallel, context_paralle
 
 __all__ = ["LiteProcessor", "qkv", "project_heads"]
 
+logger = logging.getLogger("liteattn")
+_WARNED: set = set()  # processor classes whose context_parallel_warning was logged
+
 
 class LiteProcessor:
     """Base of the liteattn processors.
@@ -32,13 +36,16 @@ class LiteProcessor:
     the current guidance branch, set by the handle. ``joint_text``: how joint text+video attention keeps text dense
     (:func:`liteattn.joint.joint_attention`), for families that have text tokens in the sequence.
 
-    ``context_parallel`` (class attribute): whether the family runs under diffusers' context parallelism. Setting
+    ``context_parallel`` (class attribute): the kinds of diffusers context parallelism the family runs under
+    (``"ulysses"``, ``"ring"``), empty for none; ``context_parallel_note``: why a kind is missing. Setting
     ``_parallel_config`` (diffusers' ``enable_parallelism`` does) checks it and passes it on to ``original``, so the
     processor ``handle.disable()`` puts back runs in parallel too.
     """
 
     _attention_backend = None
-    context_parallel = False
+    context_parallel: tuple = ()
+    context_parallel_note = ""
+    context_parallel_warning = ""  # logged once per class when a parallel config arrives
 
     def __init__(self, original, joint_text: Optional[str] = None):
         self.original = original
@@ -58,7 +65,10 @@ class LiteProcessor:
 
     @_parallel_config.setter
     def _parallel_config(self, config) -> None:
-        check_context_parallel(config, self.model_name, type(self).context_parallel)
+        check_context_parallel(config, self.model_name, self.context_parallel, self.context_parallel_note)
+        if config is not None and self.context_parallel_warning and type(self) not in _WARNED:
+            _WARNED.add(type(self))
+            logger.warning("liteattn: %s", self.context_parallel_warning)
         self._config = config
         if hasattr(self.original, "_parallel_config"):
             self.original._parallel_config = config
@@ -71,9 +81,10 @@ class LiteProcessor:
         return names[0] if names else type(self).__name__
 
     def check_parallel(self) -> None:
-        """ValueError under context parallelism, for families that do not support it (a config set around the
-        checks of ``_parallel_config``'s setter)."""
-        check_context_parallel(self._parallel_config, self.model_name, type(self).context_parallel)
+        """ValueError under a context parallelism the family does not run under (called by the families without
+        any, in case a config got past ``_parallel_config``'s setter)."""
+        check_context_parallel(self._parallel_config, self.model_name, self.context_parallel,
+                               self.context_parallel_note)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Video self-attention of ``(B, S, H, D)`` tensors through ``attention``; under context parallelism, of

@@ -152,7 +152,7 @@ def layers_to_patch(family: ModelFamily, transformer_name: str, module, layers) 
                 type(processor).__name__, [c.__name__ for c in originals])
             continue
         check_context_parallel(getattr(processor, "_parallel_config", None), family.transformer,
-                               family.processor.context_parallel)
+                               family.processor.context_parallel, family.processor.context_parallel_note)
         candidates.append((name, submodule))
     if not candidates:
         raise ValueError(f"{transformer_name} ({type(module).__name__}) has no video self-attention with its "

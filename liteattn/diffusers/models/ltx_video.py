@@ -22,7 +22,17 @@ def _is_self_attention(name, module) -> bool:
 class LiteLTXVideoAttnProcessor(LiteProcessor):
     """``LTXVideoAttnProcessor`` for the self-attention (``attn1``) of LTX-Video blocks."""
 
-    context_parallel = True  # diffusers' _cp_plan splits the video tokens; text is cross-attention
+    # diffusers' _cp_plan splits the video and the text tokens. Under Ulysses, diffusers 0.42's own cross-attention
+    # (LTXVideoAttnProcessor, not liteattn's) fails on the text mask: it views it with every head, a rank has H/N.
+    context_parallel = ("ring",)
+    context_parallel_note = ("diffusers 0.42's LTXVideoAttnProcessor (the cross-attention, which liteattn leaves "
+                             "alone) fails under Ulysses, with or without liteattn, when given the text mask that "
+                             "LTX pipelines always pass: it views the mask with all H heads while a rank holds H/N. "
+                             "Use ContextParallelConfig(ring_degree=N)")
+    context_parallel_warning = (
+        "under ring context parallelism diffusers 0.42 passes each rank's own slice of the LTX text mask to every "
+        "K/V chunk of the cross-attention (LTXVideoAttnProcessor, not liteattn's): with a padded prompt its output "
+        "differs from one GPU's, with or without liteattn")
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,

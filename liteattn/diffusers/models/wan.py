@@ -22,7 +22,7 @@ def _is_self_attention(name, module) -> bool:
 class LiteWanAttnProcessor(LiteProcessor):
     """``WanAttnProcessor`` for the self-attention (``attn1``) of Wan 2.1/2.2 blocks, video attention via liteattn."""
 
-    context_parallel = True  # diffusers' _cp_plan splits the video tokens; text is cross-attention
+    context_parallel = ("ulysses", "ring")  # diffusers' _cp_plan splits the video tokens; text is cross-attention
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
