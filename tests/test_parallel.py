@@ -473,6 +473,17 @@ def test_context_and_tensor_parallelism_together_is_refused():
     check_context_parallel(None, "HunyuanVideoTransformer3DModel", ())  # no parallelism: nothing to refuse
 
 
+def test_only_plain_lite_attention_runs_in_parallel():
+    from liteattn.diffusers.models.wan import LiteWanAttnProcessor
+
+    processor = LiteWanAttnProcessor(original=None)
+    processor._config = _cp_config()  # as enable_parallelism leaves it (no process group needed to get this far)
+    processor.attention = lambda q, k, v: q  # e.g. the handle's calibrating wrapper
+    q = torch.randn(1, 32, 2, 16)
+    with pytest.raises(ValueError, match="runs plain LiteAttention layers, not function"):
+        processor.attend(q, q, q)
+
+
 def test_ulysses_degree_must_divide_the_heads():
     from types import SimpleNamespace
 

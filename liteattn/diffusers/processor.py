@@ -91,6 +91,10 @@ class LiteProcessor:
         this rank's token slice, through diffusers' Ulysses / ring with liteattn computing each piece."""
         if self._parallel_config is None:
             return self.attention(query, key, value)
+        if not isinstance(self.attention, LiteAttention):
+            raise ValueError(f"under diffusers context parallelism liteattn runs plain LiteAttention layers, not "
+                             f"{type(self.attention).__name__} (calibration with target_error measures whole "
+                             f"attention rows): calibrate on one GPU, then run its profile in parallel")
         cp = self._parallel_config.context_parallel_config
         return context_parallel_attention(self.chunk_attention(cp.ring_degree, cp._ring_local_rank), query, key,
                                           value, self._parallel_config)
