@@ -17,10 +17,12 @@ from .state import SkipState
 __version__ = "0.1.0"
 
 
-def enable(pipe_or_transformer, threshold=-10.0, **options):
+def enable(pipe_or_transformer, threshold=None, **options):
     """LiteAttention on a diffusers video pipeline or transformer, in one line; see :func:`liteattn.diffusers.enable`.
 
-    ``handle = liteattn.enable(pipe, threshold=-6)``. diffusers is imported only when this is called
+    ``handle = liteattn.enable(pipe, threshold=-6)`` (default -10), or calibrated to an error budget:
+    ``liteattn.enable(pipe, target_error=0.02)``, one run, ``handle.save_profile("p.json")``, then
+    ``liteattn.enable(pipe, profile="p.json")``. diffusers is imported only when this is called
     (``pip install liteattn[diffusers]``).
     """
     from .diffusers import enable as _enable  # lazy: `import liteattn` never imports diffusers

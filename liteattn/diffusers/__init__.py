@@ -35,6 +35,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .. import backends
+from ..calibrate import Profile, check_target_error
 from ..criteria import DEFAULT_CRITERION, check_criterion
 from ..skip import check_tile
 from .handle import LiteAttentionHandle
@@ -65,9 +66,11 @@ def _require_diffusers():
     return diffusers
 
 
-def enable(pipe_or_transformer, threshold: Threshold = -10.0, *, warmup_steps: int = 0, tile_q: int = 128,
+def enable(pipe_or_transformer, threshold: Optional[Threshold] = None, *, warmup_steps: int = 0, tile_q: int = 128,
            tile_k: int = 128, layers: Optional[Iterable[Union[int, str]]] = None, joint_text: Optional[str] = None,
-           criterion: str = DEFAULT_CRITERION, backend: Optional[str] = None, scheduler=None) -> LiteAttentionHandle:
+           criterion: Optional[str] = None, backend: Optional[str] = None, scheduler=None,
+           target_error: Optional[float] = None, refresh: bool = False, profile=None,
+           measure_error: bool = False) -> LiteAttentionHandle:
     """Run the video self-attention of a diffusers video pipeline (or transformer) with LiteAttention.
 
     Args:
@@ -76,14 +79,24 @@ def enable(pipe_or_transformer, threshold: Threshold = -10.0, *, warmup_steps: i
             ``torch.compile``.
         threshold: skip threshold in log2 units (<= 0; -inf skips nothing): a float, a list with one value per
             denoising step (the last value applies to later steps), or a callable(step_index) -> float. Lower
-            (more negative) skips less.
+            (more negative) skips less. Default -10.
         warmup_steps: the first ``warmup_steps`` denoising steps of each run are computed densely and mark nothing.
         tile_q, tile_k: skip-tile sizes in tokens (multiples of 16; 64 or 128 on CUDA unless ``backend="torch"``).
         layers: which video self-attention layers to patch, as indices in block order (negative counts from the
             end) or module names (``"blocks.0.attn1"``); ``None`` patches all of them.
         joint_text: how models with text tokens in their self-attention keep them dense: ``"must_do"`` (one call,
             text a must-do range) or ``"split"`` (merged by log-sum-exp); ``None`` takes each family's default.
-        criterion: the keep rule (:mod:`liteattn.criteria`).
+        criterion: the keep rule (:mod:`liteattn.criteria`); default ``"max"``, or the profile's.
+        target_error: calibrate instead of a fixed threshold: during the next run each layer call takes the
+            largest threshold whose attention output stays within this relative L2 error of dense attention
+            (:mod:`liteattn.calibrate`); then ``handle.save_profile(path)``. The calibration run is slower (one
+            extra dense pass per call) and runs eagerly.
+        refresh: with ``target_error``, let a layer whose list has drifted past the budget read every tile again
+            (re-admission; recorded in the profile).
+        profile: a saved profile (path, dict or :class:`liteattn.calibrate.Profile`): per-layer, per-step
+            thresholds from a calibration run of this pipeline; excludes ``threshold`` and ``target_error``.
+        measure_error: record each layer call's attention error against dense (one extra dense pass per call),
+            for any threshold or profile: ``handle.calibration_summary()`` then reports it.
         backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
         scheduler: for a bare transformer, the scheduler of your sampling loop: steps are then read from it, with
             no host sync per call (a pipeline's own scheduler is used by itself).
@@ -92,6 +105,23 @@ def enable(pipe_or_transformer, threshold: Threshold = -10.0, *, warmup_steps: i
         A :class:`LiteAttentionHandle` (``disable()``, ``reset()``, ``set_threshold()``, ``stats()``, ``plot()``).
     """
     diffusers = _require_diffusers()
+    given = [name for name, value in (("threshold", threshold), ("target_error", target_error),
+                                      ("profile", profile)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of threshold, target_error and profile, not {' and '.join(given)}")
+    if refresh and target_error is None:
+        raise ValueError("refresh=True takes effect during calibration: pass target_error too (a profile "
+                         "carries its own refresh steps)")
+    calibration = None
+    if target_error is not None:
+        calibration = dict(target=check_target_error(target_error), refresh=bool(refresh))
+    elif measure_error:
+        calibration = dict(target=None, choose=False)
+    if profile is not None:
+        profile = Profile.load(profile)
+        criterion = profile.criterion if criterion is None else criterion
+    criterion = DEFAULT_CRITERION if criterion is None else criterion
+    threshold = -10.0 if threshold is None else threshold
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     check_tile("tile_q", tile_q)
@@ -111,9 +141,16 @@ def enable(pipe_or_transformer, threshold: Threshold = -10.0, *, warmup_steps: i
     if scheduler is None and not isinstance(pipe_or_transformer, torch.nn.Module):
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
     handle = LiteAttentionHandle(threshold, warmup_steps=int(warmup_steps), tile_q=tile_q, tile_k=tile_k,
-                                 backend=backend, criterion=criterion, scheduler=scheduler)
+                                 backend=backend, criterion=criterion, scheduler=scheduler, profile=profile,
+                                 calibration=calibration)
     for name, module, family, chosen, strategy in plans:
         handle._patch(name, module, family, chosen, strategy, _timestep_position(module))
+    if profile is not None:
+        try:
+            profile.check_matches(handle.layers, criterion=criterion, tile_q=tile_q, tile_k=tile_k)
+        except ValueError:
+            handle.disable()
+            raise
     logger.info("liteattn: enabled on %s", handle)
     return handle
 

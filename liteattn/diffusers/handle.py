@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Callable, List, Optional
 
 import torch
 
+from ..calibrate import CalibratingAttention, Profile
 from ..module import LiteAttention
 from .processor import LiteProcessor
 from .registry import ModelFamily
 from .schedule import Threshold, ThresholdSchedule
-from .stats import RunRecorder, plot_stats
+from .stats import RunRecorder, plot_calibration, plot_stats
 from .tracker import SamplingTracker, watch_scheduler
 
 logger = logging.getLogger("liteattn")
@@ -29,6 +31,7 @@ class _Layer:
         self.module = module
         self.processor = processor
         self.attentions: List[LiteAttention] = []  # index = guidance branch
+        self.calibrators: List[CalibratingAttention] = []  # index = guidance branch, while calibrating
 
 
 class _Transformer:
@@ -50,13 +53,19 @@ class LiteAttentionHandle:
         set_threshold(threshold): float, per-step list, or callable(step_index) -> float (log2 units, <= 0).
         stats(): sparsity per denoising step, per layer and per guidance branch of the latest run (plain Python).
         plot(path): a PNG of sparsity per step.
+        After a calibration run (``enable(..., target_error=...)``): profile(), save_profile(path),
+        calibration_summary(), plot_calibration(path).
 
     Also a context manager: ``with liteattn.enable(pipe) as handle: ...`` disables on exit.
     """
 
     def __init__(self, threshold: Threshold, *, warmup_steps: int, tile_q: int, tile_k: int,
-                 backend: Optional[str], criterion: str, scheduler=None):
+                 backend: Optional[str], criterion: str, scheduler=None, profile: Optional[Profile] = None,
+                 calibration: Optional[dict] = None):
         self._schedule = ThresholdSchedule(threshold)
+        self._profile = profile  # per-layer thresholds to run with (enable(profile=...)), or None
+        self._calibration = calibration  # CalibratingAttention's options while calibrating, or None
+        self._progress = None
         self.warmup_steps = warmup_steps
         self.tile_q, self.tile_k = tile_q, tile_k
         self.backend, self.criterion = backend, criterion
@@ -112,11 +121,13 @@ class LiteAttentionHandle:
                 layer.module.set_processor(layer.processor.original)
                 layer.processor.attention = None
                 layer.attentions.clear()  # the skip lists go with them
+                layer.calibrators.clear()
             if getattr(transformer.module, "_liteattn_handle", None) is self:
                 del transformer.module._liteattn_handle
         for restore in reversed(self._restore):
             restore()
         self._recorder.clear()
+        self._close_progress()
         self.enabled = False
 
     def reset(self) -> None:
@@ -127,9 +138,12 @@ class LiteAttentionHandle:
     def set_threshold(self, threshold: Threshold) -> None:
         """New threshold (log2 units, <= 0, or -inf): a float, one value per step, or callable(step_index) -> float.
 
-        Takes effect from the next transformer call; the skip lists already marked stay as they are.
+        Takes effect from the next transformer call; the skip lists already marked stay as they are. On a handle
+        running a profile or calibrating, this ends that: every layer takes this threshold.
         """
         self._schedule = ThresholdSchedule(threshold)
+        self._profile = self._calibration = None
+        self._close_progress()
 
     def threshold_at(self, step: int) -> float:
         """The threshold the schedule gives for ``step`` (a list's last value applies to later steps)."""
@@ -193,7 +207,103 @@ class LiteAttentionHandle:
             for layer in transformer.layers:
                 for attention in layer.attentions:
                     attention.reset_skip_state()
+                for calibrator in layer.calibrators:
+                    calibrator.records.clear()  # a profile describes one run: the latest
         self._recorder.clear()
+        self._close_progress()
+
+    # -- calibration -----------------------------------------------------------------------------------------------
+    def _advance_progress(self, step: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self._progress is None:
+            self._progress = tqdm(total=self._total_steps(), desc="liteattn calibration", unit="step", leave=False)
+        self._progress.n = step + 1
+        self._progress.refresh()
+
+    def _total_steps(self) -> Optional[int]:
+        timesteps = getattr(self.tracker.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _calibrated_layers(self):
+        layers = [layer for t in self._transformers for layer in t.layers]
+        if not any(c.records for layer in layers for c in layer.calibrators):
+            raise ValueError("no calibration run has been recorded: enable(..., target_error=...) and run the "
+                             "pipeline once before asking for its profile")
+        return layers
+
+    def profile(self) -> Profile:
+        """The thresholds the latest calibration run chose, per layer, guidance branch and step, as a
+        :class:`liteattn.calibrate.Profile` (``save(path)``; load with ``enable(pipe, profile=path)``)."""
+        thresholds, refresh = {}, {}
+        summary = self.calibration_summary()
+        for layer in self._calibrated_layers():
+            branches, refreshes = [], []
+            for calibrator in layer.calibrators:
+                steps = [-math.inf] * (max((r.step for r in calibrator.records), default=-1) + 1)
+                for record in calibrator.records:
+                    steps[record.step] = record.threshold
+                branches.append(steps)
+                refreshes.append([r.step for r in calibrator.records if r.refreshed])
+            thresholds[layer.qualified_name] = branches
+            if any(refreshes):
+                refresh[layer.qualified_name] = refreshes
+        return Profile(criterion=self.criterion, tile_q=self.tile_q, tile_k=self.tile_k,
+                       target_error=self._calibration["target"] if self._calibration else None,
+                       warmup_steps=self.warmup_steps, thresholds=thresholds, refresh=refresh,
+                       summary={k: summary[k] for k in ("steps", "sparsity", "error", "predicted", "mean_sparsity")})
+
+    def save_profile(self, path) -> str:
+        """Write :meth:`profile` as JSON to ``path``; returns the path."""
+        return self.profile().save(path)
+
+    def calibration_summary(self) -> dict:
+        """The latest calibration run, as plain Python: per step (lists indexed by step) the mean chosen
+        threshold, the worst realised error over layers and branches, the worst predicted error, and the tile
+        sparsity; per layer its thresholds per step (branch 0) and error per step; and ``table``, a text table."""
+        layers = self._calibrated_layers()
+        records = [(layer.qualified_name, branch, r) for layer in layers
+                   for branch, c in enumerate(layer.calibrators) for r in c.records]
+        steps = sorted({r.step for _, _, r in records})
+
+        def per_step(fn, pick):
+            return [pick([fn(r) for _, _, r in records if r.step == s]) for s in steps]
+
+        def mean(values):
+            finite = [v for v in values if math.isfinite(v)]
+            return sum(finite) / len(finite) if finite else -math.inf
+
+        summary = {
+            "target_error": self._calibration["target"] if self._calibration else None,
+            "steps": steps,
+            "threshold": per_step(lambda r: r.threshold, mean),
+            "error": per_step(lambda r: r.error, max),
+            "predicted": per_step(lambda r: r.predicted, max),
+            "sparsity": per_step(lambda r: r.read_sparsity, lambda v: sum(v) / len(v)),
+            "refreshes": per_step(lambda r: int(r.refreshed), sum),
+            "layers": {layer.qualified_name: {
+                "threshold": [r.threshold for r in layer.calibrators[0].records],
+                "error": [max(c.records[i].error for c in layer.calibrators if i < len(c.records))
+                          for i in range(len(layer.calibrators[0].records))]} for layer in layers},
+        }
+        summary["mean_sparsity"] = sum(summary["sparsity"]) / len(steps) if steps else 0.0
+        lines = ["step | mean threshold | sparsity | worst error | worst predicted | refreshes",
+                 "---: | ---: | ---: | ---: | ---: | ---:"]
+        for i, s in enumerate(steps):
+            lines.append(f"{s} | {summary['threshold'][i]:.2f} | {summary['sparsity'][i]:.3f} | "
+                         f"{summary['error'][i]:.4f} | {summary['predicted'][i]:.4f} | {summary['refreshes'][i]}")
+        summary["table"] = "\n".join(lines)
+        return summary
+
+    def plot_calibration(self, path) -> str:
+        """A PNG of the latest calibration run: thresholds per layer, error against the target, and sparsity,
+        per step."""
+        return plot_calibration(self.calibration_summary(), path)
 
     def _before_call(self, transformer: _Transformer, args, kwargs) -> None:
         timestep = kwargs.get("timestep")
@@ -204,6 +314,7 @@ class LiteAttentionHandle:
             self._start_run()
         warmup = call.step < self.warmup_steps
         threshold = self._schedule.at(call.step)
+        profile, calibration = self._profile, self._calibration
         for layer in transformer.layers:
             while len(layer.attentions) <= call.branch:
                 layer.attentions.append(LiteAttention(threshold=threshold, max_batch_size=1 << 30,
@@ -212,8 +323,26 @@ class LiteAttentionHandle:
             attention = layer.attentions[call.branch]
             # Warmup: plain dense attention, the skip state untouched (so nothing is marked).
             attention.enable_skipping = not warmup
-            attention.threshold = threshold  # a device tensor filled in place, only when the value changes
+            if profile is not None:
+                attention.threshold = profile.at(layer.qualified_name, call.branch, call.step)
+                state = attention.skip_state
+                if profile.refreshes(layer.qualified_name, call.branch, call.step) and state is not None:
+                    state.set_read(torch.ones(state.shape, dtype=torch.bool, device=state.device))
+            elif calibration is None or not calibration.get("choose", True):
+                attention.threshold = threshold  # a device tensor filled in place, only when the value changes
+            if calibration is not None:
+                while len(layer.calibrators) <= call.branch:
+                    layer.calibrators.append(CalibratingAttention(layer.attentions[len(layer.calibrators)],
+                                                                  **calibration))
+                attention = layer.calibrators[call.branch]
+                attention.step = call.step
+                attention.total_steps = self._total_steps()
             layer.processor.attention = attention
+        if calibration is not None and calibration.get("choose", True):
+            self._advance_progress(call.step)
+            threshold = math.nan  # per layer: see calibration_summary()
+        elif profile is not None:
+            threshold = math.nan  # per layer: the profile's
         self._current = dict(transformer=transformer.name, step=call.step, branch=call.branch,
                              timestep=call.timestep, threshold=threshold, warmup=warmup)
 

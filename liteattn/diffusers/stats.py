@@ -14,7 +14,7 @@ import torch
 
 from ..skip import fraction_skipped
 
-__all__ = ["RunRecorder", "plot_stats"]
+__all__ = ["RunRecorder", "plot_stats", "plot_calibration"]
 
 # (layer name, tiles computed: 0-d device tensor or None for a dense call, tile pairs of the call or None)
 LayerRecord = Tuple[str, Optional[torch.Tensor], Optional[int]]
@@ -109,6 +109,44 @@ def plot_stats(stats: dict, path) -> str:
     ax.set_title(f"liteattn: mean sparsity {stats['mean_sparsity']:.1%} over {len(steps)} steps")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    path = str(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_calibration(summary: dict, path) -> str:
+    """Write a PNG of a calibration run (``LiteAttentionHandle.calibration_summary()``): the threshold each layer
+    chose per step, the realised error per layer against the target, and the sparsity per step."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install liteattn[diffusers]") from exc
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    steps = summary["steps"]
+    fig = Figure(figsize=(12, 3.8), dpi=120)
+    ax_t, ax_e, ax_s = fig.subplots(1, 3)
+    for name, layer in summary["layers"].items():
+        xs = steps[:len(layer["threshold"])]
+        ax_t.plot(xs, [t if math.isfinite(t) else math.nan for t in layer["threshold"]], linewidth=0.8)
+        ax_e.plot(xs, layer["error"], color="0.6", linewidth=0.6)
+    ax_t.set_title("threshold chosen per layer (branch 0)")
+    ax_t.set_ylabel("log2 units")
+    ax_e.plot(steps, summary["error"], color="black", linewidth=2, label="worst layer")
+    if summary.get("target_error"):
+        ax_e.axhline(summary["target_error"], color="tab:red", linestyle="--", label="target")
+    ax_e.set_title("attention error (rel. L2) per layer")
+    ax_e.legend(fontsize="small")
+    ax_s.plot(steps, summary["sparsity"], color="black", linewidth=2)
+    ax_s.set_ylim(-0.02, 1.02)
+    ax_s.set_title(f"sparsity per step (mean {summary['mean_sparsity']:.1%})")
+    for ax in (ax_t, ax_e, ax_s):
+        ax.set_xlabel("denoising step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = str(path)
     fig.savefig(path, format="png")
