@@ -81,11 +81,12 @@ def build_model(config, device, dtype):
 
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU init for the 14B blocks
-        model = WanTransformer3DModel(**config)
-    model = model.to(device, dtype).eval()
-    for name, module in model.named_modules():  # as from_pretrained(torch_dtype=bfloat16) leaves them
-        if any(keep in name.split(".") for keep in model._keep_in_fp32_modules or ()):
-            module.float()
+        model = WanTransformer3DModel(**config).eval()
+    keep = model._keep_in_fp32_modules or ()
+    # bf16 except the fp32 modules and parameters, as from_pretrained(torch_dtype=bfloat16) leaves them
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.to(dtype)
     return model
 
 
@@ -229,8 +230,9 @@ class Bench:
         def fn():
             if clock is not None:
                 clock.tick()
-            return model(hidden_states=self.latents, timestep=self.timestep, encoder_hidden_states=self.text,
-                         return_dict=False)[0]
+            out = model(hidden_states=self.latents, timestep=self.timestep, encoder_hidden_states=self.text,
+                        return_dict=False)[0]
+            return out.wait() if hasattr(out, "wait") else out  # a gathered output may be an AsyncCollectiveTensor
         return fn
 
     def measure(self, label: dict, fn, ref_key=None, keep_as=None):
