@@ -224,8 +224,9 @@ def lite_attention(
     """Attention over the k-tiles of ``read``, filling ``write`` with the tiles that still matter; or, with
     ``state``, over the tiles the state marks, narrowing them down to those that still matter.
 
-    The one validated entry point of the core (:class:`liteattn.LiteAttention` calls it too); docs/DESIGN.md
-    section 1 specifies what it computes.
+    The one validated entry point of the core; docs/DESIGN.md section 1 specifies what it computes. It is
+    ``run_plan(q, k, v, plan_call(q, k, v, ...))``: :class:`liteattn.LiteAttention` runs the same validation,
+    :func:`plan_call`, once per call signature and keeps its plan.
 
     Args:
         q: ``(B, Sq, H, D)``; k: ``(B, Sk, H, D)``; v: ``(B, Sk, H, Dv)``; fp16, bf16, fp32 (fp64 on the
