@@ -50,7 +50,8 @@ __all__ = ["CANDIDATES", "threshold_errors", "choose_threshold", "check_target_e
 CANDIDATES: tuple = (-math.inf,) + tuple(-30.0 + 0.25 * i for i in range(121))
 
 PROFILE_VERSION = 1
-_ELEMENTS = 1 << 24  # per chunk of the partial-output pass (float32 elements of o_j)
+# Per chunk of the partial-output pass: float32 elements of o_j (a few such temporaries live at once).
+_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 
 def check_target_error(target) -> float:
@@ -110,10 +111,11 @@ def threshold_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, crite
     sq_ref = torch.zeros((), dtype=torch.float64, device=device)
     pad_k, pad_q = Nk * tile_k - Sk, Mq * tile_q - Sq
     # Chunks of q-tiles x heads small enough that o_j (h, mq, tile_q, Nk, Dv) stays within _ELEMENTS.
+    elements = _ELEMENTS.get(device.type, _ELEMENTS["cpu"])
     per_tile = tile_q * Nk * Dv
-    heads_per = max(1, min(H, _ELEMENTS // per_tile))
-    tiles_per = max(1, min(Mq, _ELEMENTS // (per_tile * heads_per)))
-    cand_per = max(1, min(len(cand), _ELEMENTS // max(1, heads_per * tiles_per * tile_q * Dv)))
+    heads_per = max(1, min(H, elements // per_tile))
+    tiles_per = max(1, min(Mq, elements // (per_tile * heads_per)))
+    cand_per = max(1, min(len(cand), elements // max(1, heads_per * tiles_per * tile_q * Dv)))
     for b in range(B):
         for h0 in range(0, H, heads_per):
             hs = slice(h0, min(H, h0 + heads_per))
