@@ -179,3 +179,19 @@ def test_enable_calibrates_saves_and_runs_the_profile(tmp_path):
     assert replay["sparsity"] == pytest.approx(summary["sparsity"], abs=1e-9)
     assert replay["error"] == pytest.approx(summary["error"], rel=1e-3, abs=1e-6)
     handle.disable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("criterion", ["max", "mass"])
+def test_scores_match_the_kernels_decisions_on_the_gpu(criterion):
+    # The Triton kernel decides in its own fp32 arithmetic: every tile away from the threshold (|score - theta| >
+    # 0.05 log2 units) is decided as the PyTorch scores say, at a production-like shape.
+    q, k, v = structured_qkv(1, 4096, 4, 128, seed=11, dtype=torch.float16, device="cuda")
+    theta = -8.0
+    attention = LiteAttention(threshold=theta, backend="triton", criterion=criterion)
+    _, scores = threshold_errors(q, k, v, criterion=criterion)
+    attention(q, k, v)
+    written = attention.skip_state.to_dense()
+    clear = (scores - theta).abs() > 0.05
+    assert torch.equal(written[clear], (scores > theta)[clear])
+    assert clear.float().mean() > 0.95
