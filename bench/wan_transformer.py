@@ -12,7 +12,8 @@ Stages (each wrapped: a failure is recorded in the JSON and the rest runs; the J
   as from_pretrained leaves them), 512 text tokens. ``wan14b-720p``: the Wan2.1-14B config with ``--layers-14b`` of
   its 40 blocks (75600 tokens: 81 frames of 720x1280 -> latent 21 x 90 x 160, patch (1, 2, 2)); ``wan1.3b-480p``:
   the 1.3B config with ``--layers-13b`` of its 30 blocks (32760 tokens: 480x832). One step = two transformer calls
-  (conditional and unconditional text, the same timestep: the two guidance branches). Runs, in order: the original
+  (conditional and unconditional text, the same timestep: the two guidance branches; the handle follows the steps
+  from a scheduler stand-in, as in a pipeline, so no host sync per call). Runs, in order: the original
   processors; the original with the video self-attention replaced by a no-op that returns its query (same shape:
   ``share = 1 - T_noop / T_original``, the attention share of the step); liteattn at threshold -inf on untouched
   states (PyTorch's attention; the -inf overhead); liteattn with forced read lists at each sparsity: every state's
@@ -97,6 +98,19 @@ def pin_kernel_config() -> None:
     chosen = [c for c in triton_kernel.lite_attn_fwd.configs
               if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (128, 8, 3)]
     triton_kernel.lite_attn_fwd.configs = chosen or triton_kernel.lite_attn_fwd.configs
+
+
+class Clock:
+    """A scheduler stand-in for ``liteattn.enable(scheduler=...)``, as a pipeline passes its own: the handle reads the
+    step from the host (``step_index``), not from the timestep tensor (no host sync per transformer call)."""
+
+    step_index = None
+
+    def set_timesteps(self, *args, **kwargs):
+        self.step_index = None
+
+    def tick(self):
+        self.step_index = 0 if self.step_index is None else self.step_index + 1
 
 
 class Timer:
@@ -242,12 +256,13 @@ def run_transformer(results: Results, args, shape: str, device, timer: Timer):
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(latent, generator=gen).to(device, dtype)
     texts = [torch.randn(text_shape, generator=gen).to(device, dtype) for _ in range(2)]  # cond, uncond
-    clock = iter(range(999, -10**9, -1))  # strictly decreasing: every step is the next step of one run
+    timestep = torch.tensor([500.0], device=device)
+    clock = Clock()  # every step is the next step of one run, for the whole benchmark
 
     @torch.no_grad()
     def step():
-        t = torch.full((1,), float(next(clock)), device=device)
-        outs = [model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        clock.tick()
+        outs = [model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
                 for text in texts]  # the two guidance branches
         return outs
 
@@ -295,7 +310,7 @@ def run_transformer(results: Results, args, shape: str, device, timer: Timer):
     bound_share = share if share is not None else share_sdpa
 
     handle = liteattn.enable(model, threshold=-math.inf, warmup_steps=0, tile_q=tile, tile_k=tile,
-                             backend="torch" if device.type == "cpu" else None)
+                             backend="torch" if device.type == "cpu" else None, scheduler=clock)
     try:
         def inf_untouched():
             row = measure("liteattn -inf (untouched: PyTorch attention)")
@@ -323,7 +338,7 @@ def run_transformer(results: Results, args, shape: str, device, timer: Timer):
                 row = measure(f"liteattn forced {s:.0%}")
                 kept = all(torch.equal(state.to_dense().cpu(), p) for (_, _, state), p in zip(states, patterns))
                 speedup = original / row["ms_per_step"]
-                row.update(target_sparsity=s, sparsity=round(measured, 4), lists_kept=kept,
+                row.update(target_sparsity=s, sparsity=round(measured, 4), lists_kept=kept, states=len(states),
                            speedup=round(speedup, 4))
                 if bound_share is not None:
                     bound = 1.0 / (1.0 - bound_share * measured)
@@ -359,19 +374,20 @@ def run_block_inf(results: Results, args, device, timer: Timer):
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(latent, generator=gen).to(device, dtype)
     text = torch.randn(text_shape, generator=gen).to(device, dtype)
-    clock = iter(range(999, -10**9, -1))
+    timestep = torch.tensor([500.0], device=device)
+    clock = Clock()
 
     @torch.no_grad()
     def call():
-        t = torch.full((1,), float(next(clock)), device=device)
-        return model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        clock.tick()
+        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
 
     original, lite = [], []
     repeats = max(args.repeats, 10)
     for _ in range(args.rounds):
         original.append(timer(call, 2, repeats))
         handle = liteattn.enable(model, threshold=-math.inf, warmup_steps=0, tile_q=tile, tile_k=tile,
-                                 backend="torch" if device.type == "cpu" else None)
+                                 backend="torch" if device.type == "cpu" else None, scheduler=clock)
         try:
             lite.append(timer(call, 2, repeats))
         finally:
