@@ -537,6 +537,8 @@ def markdown(documents: Sequence[dict], levels: Sequence[float], error_levels: S
     panels = _panels(groups)
     for doc in documents:
         meta = doc["meta"]
+        if not doc["demo"]:
+            continue
         source = ", ".join(f"{k} {v}" for k, v in (meta.get("source") or {}).items())
         out.append(f"**{meta.get('model')}** model ({source}): {len(meta.get('prompts') or [])} prompts x "
                    f"{meta.get('steps')} steps, guidance {meta.get('guidance')}, batch {len(meta.get('prompts') or [])},"
@@ -815,6 +817,7 @@ def main(argv=None) -> int:
                 frames=args.frames, size=args.size, budget_seconds=budget.seconds, quick=args.quick,
                 calibrate_on=args.calibrate_on, argv=sys.argv[1:] if argv is None else list(argv))
     results = Results(args.out / f"{stem}.json", meta)
+    results.save()
     log(f"rules_eval: {args.model} model, {meta['card']} {args.dtype}, {args.steps} steps, {args.num_prompts} "
         f"prompts, tiles {args.tiles}, stages {sorted(args.stages)}, budget "
         f"{budget.seconds or 'none'} s -> {results.path}")

@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     2>&1 | grep -v "^WARNING\|^\[notice" | tail -3
 export PYTHONPATH=$PWD:/tmp/site
 python3 -c "import torch, diffusers, triton; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
-'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA: CPU')" || exit 1
 extra=""
 [ "${MEASURE_ERROR:-0}" = 1 ] && extra=--measure-error
 timeout "${LIMIT:-250}" python3 bench/rules_eval.py --budget "${BUDGET:-215}" --out $R --refresh $extra "$@" \
@@ -25,7 +25,7 @@ timeout "${LIMIT:-250}" python3 bench/rules_eval.py --budget "${BUDGET:-215}" --
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ]; then  # killed or failed: the tables of what was saved
     echo "rules_eval.py exited with $rc; the tables of the saved results:"
-    for f in $R/rules_eval_*.json; do python3 bench/rules_eval.py --report "$f" --out $R 2>&1 | tail -80; done
+    for f in $R/rules_eval_*.json; do [ -f "$f" ] && python3 bench/rules_eval.py --report "$f" --out $R 2>&1 | tail -80; done
 fi
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw,memory.used --format=csv
 } 2>&1 | tee $R/log.txt
