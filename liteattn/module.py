@@ -16,6 +16,7 @@ import torch
 from . import backends
 from .criteria import DEFAULT_CRITERION, check_criterion, check_threshold, needs_lse
 from .ops import check_inputs, plan_call, run_plan
+from .parallel import KVChunkAttention
 from .skip import check_tile, fraction_skipped, normalize_ranges
 from .state import SkipState
 
@@ -286,19 +287,43 @@ def _frozen(ranges):
     return tuple(frozen)
 
 
-class SeqParallelLiteAttention:
-    """One independent :class:`LiteAttention` per K/V split (sequence parallelism).
+class SeqParallelLiteAttention(KVChunkAttention):
+    """One independent :class:`LiteAttention` per K/V split (sequence parallelism), the reference implementation's
+    class. It is a :class:`liteattn.parallel.KVChunkAttention`, the code liteattn's diffusers context parallelism
+    runs too (docs/DESIGN.md, section 8: what a decision means per K/V chunk).
 
-    ``attn(q, k, v, split_idx)`` computes attention of ``q`` over the ``split_idx``-th K/V shard with
-    that shard's own skip state; merge the shards' outputs with their LSEs.
+    ``attn(q, k, v, split_idx)`` computes attention of ``q`` over the ``split_idx``-th K/V shard with that shard's
+    own skip state; merge the shards' outputs with their LSEs (:func:`liteattn.merge_by_lse`, or :meth:`ring`).
+
+    Under ``torch.distributed`` (``torchrun --nproc_per_node N``), each rank holding its chunk of the queries, keys
+    and values ``(B, S/N, H, D)``, equal shapes on every rank::
+
+        import torch.distributed as dist
+        import liteattn
+        from liteattn.parallel import ring_attention
+
+        dist.init_process_group("nccl")
+        attn = liteattn.SeqParallelLiteAttention(dist.get_world_size(), threshold=-6.0)  # one per layer
+        out, lse = ring_attention(attn, q_chunk, k_chunk, v_chunk)  # every step; attn[c] serves rank c's K/V
+
+        # ring_attention all-gathers K and V over the group, then does what you may do by hand with chunks you hold:
+        rank, n = dist.get_rank(), dist.get_world_size()
+        out = lse = None
+        for step in range(n):
+            c = (rank + step) % n
+            o, l = attn(q_chunk, k_chunks[c], v_chunks[c], c, return_softmax_lse=True)
+            out, lse = (o, l) if out is None else liteattn.merge_by_lse(out, lse, o, l)
     """
+
+    _count_name = "num_nodes"
 
     def __init__(self, num_nodes: int, enable_skipping: bool = True, threshold: float = -10.0,
                  max_batch_size: int = 4, **kwargs):
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes <= 0:
             raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
+        super().__init__([LiteAttention(enable_skipping, threshold, max_batch_size, **kwargs)
+                          for _ in range(num_nodes)])
         self.num_nodes = num_nodes
-        self.attns = [LiteAttention(enable_skipping, threshold, max_batch_size, **kwargs) for _ in range(num_nodes)]
 
     def __call__(self, query, key, value, split_idx: int, scale: Optional[float] = None,
                  return_softmax_lse: bool = False, must_do_list=None, must_skip_list=None, must_do_q_list=None):
@@ -306,42 +331,6 @@ class SeqParallelLiteAttention:
         ``must_skip_list`` are ranges of this shard's key tokens, ``must_do_q_list`` of the query tokens."""
         if isinstance(split_idx, bool) or not isinstance(split_idx, int) or not 0 <= split_idx < self.num_nodes:
             raise ValueError(f"split_idx must be an int in [0, {self.num_nodes}), got {split_idx!r}")
-        return self.attns[split_idx](query, key, value, scale=scale, return_softmax_lse=return_softmax_lse,
-                                     must_do_list=must_do_list, must_skip_list=must_skip_list,
-                                     must_do_q_list=must_do_q_list)
-
-    def __repr__(self) -> str:
-        first = self.attns[0]
-        states = ", ".join("none" if a.skip_state is None else str(tuple(a.skip_state.shape)) for a in self.attns)
-        return (f"SeqParallelLiteAttention(num_nodes={self.num_nodes}, enable_skipping={first.enable_skipping}, "
-                f"threshold={first.threshold}, tile_q={first.tile_q}, tile_k={first.tile_k}, "
-                f"backend={first.backend!r}, criterion={first.criterion!r}, states=[{states}])")
-
-    def __getitem__(self, split_idx: int) -> LiteAttention:
-        return self.attns[split_idx]
-
-    def set_threshold(self, threshold) -> None:
-        """Every shard's threshold (log2 units, <= 0, or -inf): a number or a one-element tensor."""
-        for attn in self.attns:
-            attn.set_threshold(threshold)
-
-    def reset_skip_state(self) -> None:
-        for attn in self.attns:
-            attn.reset_skip_state()
-
-    def enable_skip_optimization(self, enable: bool = True) -> None:
-        for attn in self.attns:
-            attn.enable_skip_optimization(enable)
-
-    @property
-    def threshold(self) -> float:
-        return self.attns[0].threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        self.set_threshold(value)
-
-    @property
-    def sparsity(self) -> float:
-        """Mean sparsity of the splits' most recent calls."""
-        return sum(a.sparsity for a in self.attns) / self.num_nodes
+        return super().__call__(query, key, value, split_idx, scale=scale, return_softmax_lse=return_softmax_lse,
+                                must_do_list=must_do_list, must_skip_list=must_skip_list,
+                                must_do_q_list=must_do_q_list)

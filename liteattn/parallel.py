@@ -50,6 +50,8 @@ class KVChunkAttention:
         attentions: one LiteAttention (or anything with its call signature) per chunk, in chunk order.
     """
 
+    _count_name = "num_chunks"  # what the repr calls the number of chunks
+
     def __init__(self, attentions: Sequence):
         if len(attentions) == 0:
             raise ValueError("KVChunkAttention needs at least one attention (one per K/V chunk)")
@@ -153,7 +155,7 @@ class KVChunkAttention:
     def __repr__(self) -> str:
         first = self.attns[0]
         states = ", ".join("none" if a.skip_state is None else str(tuple(a.skip_state.shape)) for a in self.attns)
-        return (f"{type(self).__name__}(num_chunks={self.num_chunks}, enable_skipping={first.enable_skipping}, "
+        return (f"{type(self).__name__}({self._count_name}={self.num_chunks}, enable_skipping={first.enable_skipping}, "
                 f"threshold={first.threshold}, tile_q={first.tile_q}, tile_k={first.tile_k}, "
                 f"backend={first.backend!r}, criterion={first.criterion!r}, states=[{states}])")
 

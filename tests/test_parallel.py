@@ -207,7 +207,7 @@ def _scenario_ring(rank, world):
     # one LiteAttention per K/V chunk called in the ring's order and merged by merge_by_lse.
     n = 54
     mine = slice(rank * n, (rank + 1) * n)
-    distributed = KVChunkAttention([LiteAttention(threshold=THRESHOLD, tile_q=TILE, tile_k=TILE) for _ in range(world)])  # TODO SeqParallel
+    distributed = liteattn.SeqParallelLiteAttention(world, threshold=THRESHOLD, tile_q=TILE, tile_k=TILE)
     by_hand = [LiteAttention(threshold=THRESHOLD, tile_q=TILE, tile_k=TILE) for _ in range(world)]
     pairs = []
     for q, k, v in StructuredSequence(steps=3, batch=1, seq_q=world * n, heads=HEADS, head_dim=16, seed=7):
