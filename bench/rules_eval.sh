@@ -2,8 +2,8 @@
 # Device call for the keep-rule evaluation (issue 13, item 5): bash bench/rules_eval.sh [extra rules_eval.py options]
 # Runs bench/rules_eval.py on the small demo model (4 prompts x 30 steps, float32, tiles 128 then 64; max x mass x
 # fixed thresholds, synthetic structured inputs, calibrated targets when liteattn.enable takes target_error, then
-# calibration with re-admission) within a time budget: BUDGET seconds (default 215) for the script, which skips what
-# would not fit and says so; LIMIT (default 250) kills it outright, and the tables are then printed from the saved
+# calibration with re-admission) within a time budget: BUDGET seconds (default 205) for the script, which skips what
+# would not fit and says so; LIMIT (default 240) kills it outright, and the tables are then printed from the saved
 # JSON. The whole call stays under 4.5 minutes. MEASURE_ERROR=1 adds --measure-error (profile runs measure their
 # attention error: slower). Results: $OUT/rules_eval_small.json and .png, and everything (profiles, log) in
 # $OUT/results.tar. Needs the diffusers wheel in .whl (carry it): the device image has no diffusers.
@@ -20,7 +20,7 @@ python3 -c "import torch, diffusers, triton; print('torch', torch.__version__, '
 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA: CPU')" || exit 1
 extra=""
 [ "${MEASURE_ERROR:-0}" = 1 ] && extra=--measure-error
-timeout "${LIMIT:-250}" python3 bench/rules_eval.py --budget "${BUDGET:-215}" --out $R --refresh $extra "$@" \
+timeout "${LIMIT:-240}" python3 bench/rules_eval.py --budget "${BUDGET:-205}" --out $R --refresh $extra "$@" \
     2>&1 | grep --line-buffered -v "Warn"
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ]; then  # killed or failed: the tables of what was saved
