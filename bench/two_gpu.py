@@ -273,16 +273,18 @@ class Bench:
         try:
             row = self.measure(dict(base, attention="liteattn", sparsity=0.0), self.call(model, clock),
                                ref_key="1gpu-diffusers")
+            if "error" in row:
+                self.record(**row)
+                return
             row["state_bytes_per_rank"] = state_bytes(model, handle)
             self.record(**row)
-            if "error" in row:
-                return
             sparsity = force_lists(model, handle, mode, self.rank, self.world, heads)
             ref = "1gpu-forced" if mode in ("1gpu", "ulysses") else "1gpu-diffusers"
             row = self.measure(dict(base, attention="liteattn", sparsity=round(sparsity, 4)), self.call(model, clock),
                                ref_key=ref, keep_as="1gpu-forced" if mode == "1gpu" else None)
-            row["state_bytes_per_rank"] = state_bytes(model, handle)
             row["forced"] = True
+            if "error" not in row:
+                row["state_bytes_per_rank"] = state_bytes(model, handle)
             self.record(**row)
         finally:
             handle.disable()
