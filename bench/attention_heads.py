@@ -71,18 +71,20 @@ def main(argv=None) -> int:
     p.add_argument("--binding-steps", type=int, default=30)
     p.add_argument("--json", default="")
     p.add_argument("--rope-ceiling", default="", help="comma-separated qk scales: print the positional ceiling, exit")
+    p.add_argument("--head-dim", type=int, default=64,
+                   help="--rope-ceiling: the head's channels (64: 4 heads of the width 256; 32: 8 heads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     if args.rope_ceiling:
         frames, size = args.frames or 16, args.size or 128
-        print(f"| qk scale | max logit | best tiles below 1e-3 (%), pure RoPE head, {frames}x{size}x{size} | "
+        print(f"| qk scale | max logit | best tiles below 1e-3 (%), pure RoPE head of {args.head_dim}, {frames}x{size}x{size} | "
               f"frequencies per axis | frames:rows:columns |\n|---|---|---|---|---|")
         for scale in (float(v) for v in args.rope_ceiling.split(",")):
-            best, top, split = rope_ceiling(scale, frames, size, device)
+            best, top, split = rope_ceiling(scale, frames, size, device, args.head_dim)
             ratio = ":".join(map(str, split))
-            print(f"| {scale:g} | {8 * scale:.0f} | {100 * best:.1f} | {top} | {ratio} |", flush=True)
+            print(f"| {scale:g} | {args.head_dim ** 0.5 * scale:.1f} | {100 * best:.1f} | {top} | {ratio} |", flush=True)
         return 0
     model, source = bench.load(args.weights, args.checkpoint, device, torch.float32)
     frames, size = model.video_shape
@@ -175,7 +177,7 @@ def rope_ceiling(scale: float, frames: int = 16, size: int = 128, device="cpu", 
             for (a, _), share in zip(axes, split):
                 energy[a:a + top] = head_dim * scale * share / sum(split) / top
             c = torch.zeros(head_dim)
-            c[0::2] = energy.sqrt()  # |q|^2 = |k|^2 = 64 scale: the logit at zero offset is 8 scale
+            c[0::2] = energy.sqrt()  # |q|^2 = |k|^2 = head_dim scale: the logit at zero offset is sqrt(head_dim) scale
             q = bench.RecordingProcessor._rotate(c.to(device).expand(1, tokens, 1, head_dim), cos, sin)
             q = q[0].transpose(0, 1)
             share = bench.tile_max_share(q, q, [128])[128]

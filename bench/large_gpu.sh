@@ -10,7 +10,8 @@
 # $OUT/results.tar. Needs the diffusers wheels in .whl (carry it, and the resume folder); imports only liteattn.demo.
 # Learning-rate multipliers (TEXT_LR_MULT, QK_NORM_LR_MULT) default to the resumed checkpoint's, else 1;
 # QK_NORM_INIT sets the self-attention q/k norm weights of a fresh run, LOCAL_INIT starts its heads local (see
-# liteattn/demo/train.py: --qk-norm-init, --local-init); FRAMES, SIZE
+# liteattn/demo/train.py: --qk-norm-init, --local-init); HEADS_PER_LAYER=8 makes a fresh run's layers 8 heads x 32
+# instead of 4 x 64 (--heads; a resume keeps the checkpoint's; not HEADS, which asks for the per-head table); FRAMES, SIZE
 # and REGIONS (textured ground regions per clip, liteattn/demo/textured.py) change the data, also on a resume.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ pack() { tar -C /tmp -cf "$OUT/results.tar" results; }  # after each stage: a ti
 train() {  # train SECONDS OUT [RESUME] [extra args]
     local seconds=$1 out=$2 from=${3:-}; shift 3
     python3 bench/run_demo_module.py liteattn.demo.train --model large ${from:+--resume $from} --out "$out" \
-        ${INIT_FROM:+--init-from $INIT_FROM} ${QK_NORM_INIT:+--qk-norm-init $QK_NORM_INIT} ${LOCAL_INIT:+--local-init $LOCAL_INIT} \
+        ${INIT_FROM:+--init-from $INIT_FROM} ${HEADS_PER_LAYER:+--heads $HEADS_PER_LAYER} ${QK_NORM_INIT:+--qk-norm-init $QK_NORM_INIT} ${LOCAL_INIT:+--local-init $LOCAL_INIT} \
         ${FRAMES:+--frames $FRAMES} ${SIZE:+--size $SIZE} ${REGIONS:+--regions $REGIONS} --time-limit "$seconds" \
         --planned-seconds "${PLANNED_SECONDS:-3600}" --batch "${BATCH:-12}" --lr "${LR:-3e-4}" \
         ${TEXT_LR_MULT:+--text-lr-mult $TEXT_LR_MULT} ${QK_NORM_LR_MULT:+--qk-norm-lr-mult $QK_NORM_LR_MULT} \

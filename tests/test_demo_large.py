@@ -226,3 +226,51 @@ def test_locality_prior_starts_heads_local_but_the_last():
     q = q[0, :, 0]
     logits = q @ q.T
     assert torch.equal(logits.argmax(-1), torch.arange(cos.shape[1]))
+
+
+def test_large_head_split_keeps_every_shape_and_round_trips(tmp_path):
+    """--heads 8: 8 heads x 32 at the same width (every tensor the shape of 4 x 64); the config travels in the
+    weights file's metadata, so load_large rebuilds the 8-head model; the 3-D RoPE keeps channels on every axis."""
+    from liteattn.demo.model import CONFIG_LARGE, build_large, large_config
+
+    assert large_config() == CONFIG_LARGE and large_config(8)["attention_head_dim"] == 32
+    with pytest.raises(ValueError):
+        large_config(3)
+    four, eight = build_large(), build_large(8)
+    assert {k: v.shape for k, v in four.state_dict().items()} == {k: v.shape for k, v in eight.state_dict().items()}
+    rope = eight.transformer.rope
+    assert (rope.t_dim, rope.h_dim, rope.w_dim) == (12, 10, 10)
+    assert eight.transformer.blocks[0].attn1.heads == 8
+    path = tmp_path / "w.safetensors"
+    save_weights(eight, path, dtype=torch.float16)
+    loaded = load_large(path=path)
+    assert loaded.config["num_attention_heads"] == 8 and loaded.config["attention_head_dim"] == 32
+    assert loaded.transformer.blocks[0].attn1.heads == 8 and loaded.config["patch_size"] == (1, 4, 4)
+
+
+def test_heads_option_survives_resume_and_export_and_local_init_makes_7_of_8_local(tmp_path):
+    """A fresh --heads 8 --local-init run: heads 0-6 of every layer get the positional bias, head 7 none; the
+    checkpoint, a resumed run and the exported weights keep 8 heads; a resume refuses another split."""
+    from liteattn.demo import train
+
+    common = ["--frames", "2", "--size", "16", "--batch", "1", "--time-limit", "60", "--device", "cpu", "--warmup", "1"]
+    first, second, weights = tmp_path / "a", tmp_path / "b", tmp_path / "w.safetensors"
+    train.main(["--model", "large", "--heads", "8", "--init-from", "none", "--local-init", "3.2", "--max-steps", "1",
+                "--out", str(first)] + common)
+    state = json.loads((first / "state.json").read_text())
+    assert state["config"]["num_attention_heads"] == 8 and state["config"]["attention_head_dim"] == 32
+    ema = train._load_split(first, "ema")
+    for layer in range(6):
+        bias = ema[f"transformer.blocks.{layer}.attn1.to_q.bias"].float().view(8, 32)
+        norms = bias.square().sum(-1)
+        assert (norms[:7] > 25).all() and norms[7] < 0.1, norms  # |pattern|^2 = 32, one Adam step off
+    scale = [v for layer in state["qk_scale"] for v in layer]
+    assert len(scale) == 48 and all(abs(v - 3.2 * 7 / 8) < 0.05 for v in scale)
+    train.main(["--resume", str(first), "--max-steps", "2", "--out", str(second)] + common)
+    state = json.loads((second / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["num_attention_heads"] == 8
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(second), "--heads", "4", "--max-steps", "3", "--out", str(tmp_path / "c")] + common)
+    train.main(["--export", str(second), "--weights", str(weights)])
+    model = load_model(weights)
+    assert model.transformer.blocks[0].attn1.heads == 8 and model.video_shape == (2, 16)

@@ -38,8 +38,8 @@ from torch import nn
 from . import data
 
 __all__ = ["CONFIG", "CONFIG_LARGE", "TEXT_DIM", "TEXT_LARGE", "VIDEO_SMALL", "VIDEO_LARGE", "WEIGHTS",
-           "WEIGHTS_LARGE", "TinyWan", "PromptBlock", "build_model", "build_large", "load_model", "load_large",
-           "save_weights"]
+           "WEIGHTS_LARGE", "TinyWan", "PromptBlock", "build_model", "build_large", "large_config", "load_model",
+           "load_large", "save_weights"]
 
 TEXT_DIM = 64
 # diffusers WanTransformer3DModel config. 6 layers of width 256 give 7.0M parameters; attention is about 70% of the
@@ -68,6 +68,17 @@ TEXT_LARGE = dict(layers=2, heads=4)
 VIDEO_SMALL = dict(frames=16, size=64, data="shapes")
 VIDEO_LARGE = dict(frames=16, size=128, data="textured")
 WEIGHTS_LARGE = WEIGHTS.parent / "wan_large.safetensors"
+
+
+def large_config(heads: int = 4) -> dict:
+    """The large model's transformer config with ``heads`` self-attention heads a layer at the same width (256):
+    ``attention_head_dim`` 256 / heads, so every tensor keeps its shape and only the split into heads (and the
+    3-D RoPE's split of a head's channels: diffusers gives rows and columns ``2 (head_dim // 6)`` channels each and
+    frames the rest, 24:20:20 at 64, 12:10:10 at 32) changes. ``heads=4``: CONFIG_LARGE."""
+    width = CONFIG_LARGE["num_attention_heads"] * CONFIG_LARGE["attention_head_dim"]
+    if heads < 1 or width % heads or (width // heads) % 2:
+        raise ValueError(f"heads must divide the width {width} into heads of an even number of channels: {heads}")
+    return dict(CONFIG_LARGE, num_attention_heads=heads, attention_head_dim=width // heads)
 
 
 class PromptBlock(nn.Module):
@@ -111,6 +122,7 @@ class TinyWan(nn.Module):
         from diffusers import WanTransformer3DModel
 
         self.config = dict(CONFIG if config is None else config)
+        self.config["patch_size"] = tuple(self.config["patch_size"])  # JSON (checkpoints, metadata) gives a list
         self.text = dict(text) if text else None
         self.video = dict(VIDEO_SMALL if video is None else video)
         self.transformer = WanTransformer3DModel(**self.config)
@@ -164,9 +176,11 @@ def build_model(config: Optional[dict] = None, text: Optional[dict] = None, vide
     return TinyWan(config, text, video)
 
 
-def build_large() -> TinyWan:
-    """A randomly initialised large model (float32): CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE."""
-    return TinyWan(CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE)
+def build_large(heads: int = 4) -> TinyWan:
+    """A randomly initialised large model (float32): CONFIG_LARGE (with ``heads`` heads a layer at the same width:
+    :func:`large_config`), TEXT_LARGE, VIDEO_LARGE. Saved weights and checkpoints carry the config, so
+    :func:`load_large` and a resumed run rebuild the same split."""
+    return TinyWan(large_config(heads), TEXT_LARGE, VIDEO_LARGE)
 
 
 def save_weights(model: TinyWan, path: Union[str, pathlib.Path], dtype: Optional[torch.dtype] = None,
@@ -199,7 +213,6 @@ def load_model(path: Union[str, pathlib.Path, None] = None, device="cpu", dtype:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         config = json.loads(metadata["config"])
-        config["patch_size"] = tuple(config["patch_size"])
         model = TinyWan(config, json.loads(metadata.get("text", "null")), json.loads(metadata.get("video", "null")))
         model.load_state_dict(load_file(str(path)))
     except Exception as exc:  # not safetensors, no config, or other weights: one clear message, whatever the cause

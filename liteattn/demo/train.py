@@ -45,7 +45,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import data
-from .model import CONFIG, CONFIG_LARGE, TEXT_LARGE, VIDEO_LARGE, WEIGHTS, TinyWan, build_model, save_weights
+from .model import CONFIG, TEXT_LARGE, VIDEO_LARGE, WEIGHTS, TinyWan, build_model, large_config, save_weights
 from .sample import SHIFT
 
 _FILE_BYTES = 15 << 20
@@ -179,20 +179,27 @@ def _is_qk_norm(name: str) -> bool:
     return ".attn1.norm_q." in name or ".attn1.norm_k." in name
 
 
-def _locality_prior(model, scale: float, content: float = 0.25, top: int = 3, split=(2, 1, 1)) -> str:
+def _locality_prior(model, scale: float, content: float = 0.25, top: Optional[int] = None, split=(2, 1, 1)) -> str:
     """Start every self-attention head but the last of each layer as a local head: ``to_q`` and ``to_k`` get the
-    same bias, a vector on the ``top`` highest rotary frequencies of each axis (energy split ``split`` between
+    same bias, a vector on the ``top`` highest rotary frequencies of each axis (default: as many as the row axis has
+    at or above 0.15 rad a token, 3 for heads of 64 channels, 2 for heads of 32, whose next frequency is 0.025;
+    energy split ``split`` between
     frames, rows and columns), so that ``q.k`` is a separable kernel of the token offset, largest at zero; their
     weights are scaled by ``content`` (the content part, about 2% of the energy at initialisation, starts small),
     and the q/k norm weights are set so that the local heads' qk scale is ``scale`` (bench/attention_heads.py shows
-    the norm weights' product, ``scale`` x 3/4 with 4 heads: the bias-free head takes no share of the norm). The
-    last head of each layer keeps no bias: it starts near uniform, a global head. With ``scale`` 2.25 a purely
-    positional head leaves 81% of the 128-token tiles of 16 x 32 x 32 tokens below 1e-3 (bench/attention_heads.py
-    --rope-ceiling); the large model starts at 58.8%. Training keeps this only where the loss wants it."""
+    the norm weights' product, ``scale`` x (heads - 1) / heads: 3/4 with 4 heads, 7/8 with 8; the bias-free head
+    takes no share of the norm). The qk scale is ``|q|^2 / head_dim``: the logit at zero offset is ``sqrt(head_dim)
+    scale``, 8 x scale with heads of 64, 5.66 x scale with heads of 32 (so 3.2 there gives run 3's 2.25 x 8 = 18).
+    The last head of each layer keeps no bias: it starts near uniform, a global head. With ``scale`` 2.25 (heads of
+    64) a purely positional head leaves 81% of the 128-token tiles of 16 x 32 x 32 tokens below 1e-3
+    (bench/attention_heads.py --rope-ceiling; heads of 32: 77.6% at scale 3.2, top 2); the large model starts at
+    58.8% (4 x 64; 8 x 32: bench/LARGE_MODEL.md). Training keeps this only where the loss wants it."""
     rope = model.transformer.rope
     bounds = [(0, rope.t_dim // 2), (rope.t_dim // 2, (rope.t_dim + rope.h_dim) // 2),
               ((rope.t_dim + rope.h_dim) // 2, rope.attention_head_dim // 2)]
     head_dim = rope.attention_head_dim
+    if top is None:  # diffusers' rotary frequencies of an axis of d channels: 10000^(-2i/d), i < d/2
+        top = max(1, sum(10000.0 ** (-2 * i / rope.h_dim) >= 0.15 for i in range(rope.h_dim // 2)))
     pattern = torch.zeros(head_dim)
     for (start, end), share in zip(bounds, split):  # pairs (2i, 2i+1); frequencies fall along each axis's pairs
         n = min(top, end - start)
@@ -205,8 +212,8 @@ def _locality_prior(model, scale: float, content: float = 0.25, top: int = 3, sp
             for proj in (attn.to_q, attn.to_k):
                 proj.weight.mul_(content)
                 proj.bias.copy_(bias)
-            # RMS norm across heads: a local head's part of the normalised vector has |q|^2 = 256 / local; the norm
-            # weight g makes its qk scale g^2 (256 / local) / 64.
+            # RMS norm across heads: a local head's part of the normalised vector has |q|^2 = width / local; the
+            # norm weight g makes its qk scale g^2 (width / local) / head_dim.
             g = (scale * head_dim / (attn.heads * head_dim / local)) ** 0.5
             attn.norm_q.weight.fill_(g)
             attn.norm_k.weight.fill_(g)
@@ -242,6 +249,10 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None,
                    help="weights file to start a fresh run from, where shapes match ('none': random; default for "
                         "--model large: the shipped small model)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="fresh large runs: self-attention heads a layer at the same width 256 (default 4 x 64; 8: 8 x "
+                        "32, every tensor the same shape). Kept in the checkpoint and the exported weights; a resumed "
+                        "run keeps its checkpoint's (and refuses another)")
     p.add_argument("--frames", type=int, default=None, help="large model: clip length (default 16; kept on resume)")
     p.add_argument("--size", type=int, default=None, help="large model: frame size in pixels, a multiple of 4 "
                                                            "(default 128; kept on resume)")
@@ -298,13 +309,21 @@ def main(argv=None) -> int:
     args.text_lr_mult = 1.0 if args.text_lr_mult is None else args.text_lr_mult
     args.qk_norm_lr_mult = 1.0 if args.qk_norm_lr_mult is None else args.qk_norm_lr_mult
     large = args.model == "large"
-    config, text, video = (CONFIG_LARGE, TEXT_LARGE, dict(VIDEO_LARGE)) if large else (CONFIG, None, None)
-    if args.resume:
+    if args.heads is not None and not large:
+        p.error("--heads is for --model large")
+    config, text, video = (large_config(args.heads or 4), TEXT_LARGE, dict(VIDEO_LARGE)) if large else (CONFIG, None, None)
+    if args.resume:  # the checkpoint's own transformer (its head split) and prompt encoder
+        config = saved.get("config") or config
+        text = saved.get("text") or text
         video = saved.get("video") or video
+        if args.heads is not None and args.heads != config["num_attention_heads"]:
+            p.error(f"--heads {args.heads}: {args.resume} has {config['num_attention_heads']} heads a layer")
     if large and (args.frames or args.size or args.regions):  # a resumed run may change them: the weights fit any
         video.update({k: v for k, v in (("frames", args.frames), ("size", args.size), ("regions", args.regions)) if v})
     model = build_model(config, text, video)
-    init_from = args.init_from if args.init_from is not None else (str(WEIGHTS) if large else "none")
+    # The small model's weights fit only its own head split (every shape would match, the heads would not).
+    init_from = args.init_from if args.init_from is not None else (
+        str(WEIGHTS) if large and model.config["num_attention_heads"] == CONFIG["num_attention_heads"] else "none")
     if not args.resume and init_from != "none":
         print(f"initialised from {init_from}: {_init_from(model, init_from)}", flush=True)
     if not args.resume and args.local_init is not None:
@@ -329,7 +348,7 @@ def main(argv=None) -> int:
     if text_params:
         groups.append({"params": text_params, "weight_decay": 0.0, "lr_mult": args.text_lr_mult})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
-    state = {"step": 0, "train_seconds": 0.0, "samples": 0, "log": [], "runs": [], "config": config, "text": text,
+    state = {"step": 0, "train_seconds": 0.0, "samples": 0, "log": [], "runs": [], "config": model.config, "text": text,
              "video": model.video, "init_from": None if init_from == "none" else pathlib.Path(init_from).name}
     warmup = args.warmup
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -348,7 +367,8 @@ def main(argv=None) -> int:
     loss_sum, loss_count, t_log = 0.0, 0, time.perf_counter()
     t0 = time.perf_counter()
     run_step = 0
-    print(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters; batch {args.batch}; device {device}"
+    print(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {model.config['num_layers']} layers of "
+          f"{model.config['num_attention_heads']} heads x {model.config['attention_head_dim']}; batch {args.batch}; device {device}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})", flush=True)
     while True:
         elapsed = time.perf_counter() - t0
