@@ -448,13 +448,18 @@ def test_families_without_a_cp_plan_refuse_context_parallelism_in_either_order(n
     assert all(m.processor is originals[n] for n, m in model.named_modules() if hasattr(m, "set_processor"))
 
 
-def test_ltx_video_runs_ring_but_refuses_ulysses():
+def test_ltx_video_runs_ring_but_refuses_ulysses(monkeypatch, caplog):
     from test_diffusers import tiny_ltx
 
+    from liteattn.diffusers import processor as processor_module
+
+    monkeypatch.setattr(processor_module, "_WARNED", set())
     model, _ = tiny_ltx()
     handle = liteattn.enable(model)
     processor = model.get_submodule(handle.layers[0].split(".", 1)[1]).processor
-    processor._parallel_config = _cp_config(ring_degree=2)  # accepted
+    with caplog.at_level("WARNING", logger="liteattn"):
+        processor._parallel_config = _cp_config(ring_degree=2)  # accepted, with diffusers' padded-mask caveat
+    assert "slice of the LTX text mask to every K/V chunk" in caplog.text
     for degrees in (dict(ulysses_degree=2), dict(ring_degree=2, ulysses_degree=2)):
         with pytest.raises(ValueError, match="LTXVideoTransformer3DModel under ring context parallelism, not ulysses"
                                              "_degree > 1: diffusers 0.42's LTXVideoAttnProcessor"):
