@@ -347,13 +347,20 @@ class LiteAttentionHandle:
                              timestep=call.timestep, threshold=threshold, warmup=warmup)
 
     def _after_call(self, transformer: _Transformer) -> None:
+        attentions = [layer.processor.attention for layer in transformer.layers]
+        counts = [a.computed_tiles for a in attentions if a.computed_tiles is not None]
+        # The sums stay on the device until stats() is read (no host sync per call); layers of one shape are summed
+        # in one launch, not one per layer.
+        if counts and all(c.shape == counts[0].shape and c.device == counts[0].device for c in counts):
+            sums = iter(torch.stack(counts).flatten(1).sum(1))
+        else:
+            sums = iter([c.sum() for c in counts])
         layers = []
-        for layer in transformer.layers:
-            attention = layer.processor.attention
+        for layer, attention in zip(transformer.layers, attentions):
             if attention.computed_tiles is None:
                 layers.append((layer.qualified_name, None, None))  # a dense call: nothing skipped
-            else:  # the sum stays on the device until stats() is read: no host sync per call
-                layers.append((layer.qualified_name, attention.computed_tiles.sum(), attention.num_tile_pairs))
+            else:
+                layers.append((layer.qualified_name, next(sums), attention.num_tile_pairs))
         self._recorder.record(layers=layers, **self._current)
 
 
