@@ -29,7 +29,9 @@ its 128-token tiles below 1e-3 of any row's mass; at ``g = 1.5``, 81%; at ``g = 
 ``--qk-norm-init`` sets the self-attention norms' weights of a fresh run, and ``--qk-norm-lr-mult`` lets them
 move faster than Adam's ``lr`` a step allows (3e-4 a step: +0.3 in 1000 steps at most). (Run 2 gave it that
 room, and the model did not use it: its broad heads are broad by choice. ``--local-init`` and ``--regions`` are
-the next tries; bench/LARGE_MODEL.md.)
+the next tries; bench/LARGE_MODEL.md.) ``--heads 8`` splits a fresh large model's width into 8 heads of 32 instead of
+4 of 64 (the checkpoint and the exported weights keep the split): with ``--local-init``, 7 local heads a layer and
+one global head.
 """
 
 from __future__ import annotations
