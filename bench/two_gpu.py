@@ -271,6 +271,7 @@ class Bench:
         clock = Clock()
         handle = liteattn.enable(model, threshold=-math.inf, tile_q=self.tile, tile_k=self.tile, scheduler=clock)
         try:
+            base = dict(base, criterion=handle.criterion)  # enable()'s default keep rule
             row = self.measure(dict(base, attention="liteattn", sparsity=0.0), self.call(model, clock),
                                ref_key="1gpu-diffusers")
             if "error" in row:
