@@ -8,7 +8,8 @@ Two ways of splitting meet here (docs/DESIGN.md, section 8):
 - **Ring** (K/V chunks passed around): each rank holds ``S/N`` queries and visits the ``N`` K/V chunks one after
   another, merging the partial outputs by their log-sum-exp. Each (query chunk, K/V chunk) pair is its own
   attention with its own skip state: :class:`KVChunkAttention` holds one LiteAttention per K/V chunk and is called
-  with the chunk's index. A rank keeps ``N`` states of ``(S/N) x (S/N)`` tiles: about ``1/N`` of one GPU's.
+  with the chunk's index. A rank keeps ``N`` bitmasks of ``(S/N) x (S/N)`` tiles: about ``1/N`` of one GPU's (the
+  ``"mass"`` rule's per-chunk LSE, ``N x (B, H, S/N)``, is one GPU's size: DESIGN.md, section 8).
 
 Unified parallelism (both) is a ring over Ulysses: ``H/N_u`` heads per rank and one state per ring chunk.
 
