@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 def enable(pipe_or_transformer, threshold=None, **options):
     """LiteAttention on a diffusers video pipeline or transformer, in one line; see :func:`liteattn.diffusers.enable`.
 
-    ``handle = liteattn.enable(pipe, threshold=-6)`` (default -10), or calibrated to an error budget:
+    ``handle = liteattn.enable(pipe, threshold=-8)`` (default -10, mass rule), or calibrated to an error budget:
     ``liteattn.enable(pipe, target_error=0.02)``, one run, ``handle.save_profile("p.json")``, then
     ``liteattn.enable(pipe, profile="p.json")``. diffusers is imported only when this is called
     (``pip install liteattn[diffusers]``).

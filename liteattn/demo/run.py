@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from . import data
+from . import DEFAULT_CRITERION, data
 from .metrics import psnr, ssim
 from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, make_scheduler, sample, to_uint8
 
@@ -62,6 +62,7 @@ def run_liteattn(model, tokens, threshold: float, *, steps: int, guidance: float
     import liteattn
 
     scheduler = make_scheduler()  # the handle follows its steps: no host read of the timestep per call
+    enable_kwargs.setdefault("criterion", DEFAULT_CRITERION)
     handle = liteattn.enable(model.transformer, threshold=threshold, scheduler=scheduler, **enable_kwargs)
     calls_per_step = 2 if guidance != 1.0 else 1
     seen: Dict[int, int] = {}  # block -> calls so far
