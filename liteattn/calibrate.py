@@ -334,9 +334,16 @@ class CalibratingAttention:
         remaining = max(0, self.total_steps - 1 - self.step) if self.total_steps else 0
         return self.target / self.growth() ** remaining
 
-    @torch.compiler.disable
-    def __call__(self, query, key, value, scale=None, return_softmax_lse=False, must_do_list=None,
-                 must_skip_list=None, must_do_q_list=None):
+    def __call__(self, *args, **kwargs):
+        # Calibration is Python with host reads: it runs outside any torch.compile graph. (Wrapped here, not with a
+        # decorator, so that importing liteattn does not import torch._dynamo.)
+        call = self.__dict__.get("_eager_call")
+        if call is None:
+            call = self.__dict__["_eager_call"] = torch.compiler.disable(self._call)
+        return call(*args, **kwargs)
+
+    def _call(self, query, key, value, scale=None, return_softmax_lse=False, must_do_list=None,
+              must_skip_list=None, must_do_q_list=None):
         attention = self.attention
         if not attention.enable_skipping:
             return attention(query, key, value, scale=scale, return_softmax_lse=return_softmax_lse,

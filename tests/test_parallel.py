@@ -213,6 +213,15 @@ def _scenario_ring(rank, world):
     handle = _enable(model, "mass")
     result["dense"] = forward(model, kwargs, TIMESTEPS[0])
     result["ring"] = _run_lite(model, handle, kwargs)
+    # The handle counts every K/V chunk's state and computed tiles, not only the rank's own chunk's.
+    chunks = [a for layer in LAYERS for a in model.get_submodule(layer).processor.chunk_attentions(
+        handle.attention(f"transformer.{layer}")).attns]
+    computed = sum(int(a.computed_tiles.sum()) for a in chunks)
+    result["ring_accounting"] = dict(
+        handle_bytes=handle.skip_state_bytes(), chunk_bytes=sum(a.skip_state.nbytes for a in chunks),
+        own_bytes=sum(handle.attention(f"transformer.{layer}").skip_state.nbytes for layer in LAYERS),
+        handle_last_step=handle.stats()["sparsity"][-1],
+        chunks_last_step=1 - computed / sum(a.num_tile_pairs for a in chunks))
 
     # torch.distributed without diffusers: the reference API's class on one rank's chunk of raw tensors, against
     # one LiteAttention per K/V chunk called in the ring's order and merged by merge_by_lse.
@@ -379,6 +388,9 @@ def _check_ring(rank, result):
     emulated_outs, emulated_states = result["emulated"]
     outs, states, _ = result["ring"]
     _assert_close_outputs(outs, emulated_outs, f"rank {rank}, ring")
+    accounting = result["ring_accounting"]
+    assert accounting["handle_bytes"] == accounting["chunk_bytes"] > accounting["own_bytes"]
+    assert accounting["handle_last_step"] == pytest.approx(accounting["chunks_last_step"], abs=1e-9)
     for layer in LAYERS:
         assert len(states[layer]) == 2  # one state per K/V chunk
         for chunk, (mine, expected) in enumerate(zip(states[layer], emulated_states[layer])):

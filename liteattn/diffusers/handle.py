@@ -185,9 +185,10 @@ class LiteAttentionHandle:
         raise ValueError(f"no patched layer named {layer!r}; the handle patches {self.layers}")
 
     def skip_state_bytes(self) -> int:
-        """Device memory held by every skip state of every layer and branch, in bytes."""
-        return sum(a.skip_state.nbytes for t in self._transformers for layer in t.layers for a in layer.attentions
-                   if a.skip_state is not None)
+        """Device memory held by every skip state of every layer and branch (under ring parallelism, every K/V chunk's
+        of this rank), in bytes."""
+        return sum(a.skip_state.nbytes for t in self._transformers for layer in t.layers
+                   for lead in layer.attentions for a in _chunk_group(layer, lead) if a.skip_state is not None)
 
     def __enter__(self) -> "LiteAttentionHandle":
         return self
@@ -347,8 +348,9 @@ class LiteAttentionHandle:
                              timestep=call.timestep, threshold=threshold, warmup=warmup)
 
     def _after_call(self, transformer: _Transformer) -> None:
-        attentions = [layer.processor.attention for layer in transformer.layers]
-        counts = [a.computed_tiles for a in attentions if a.computed_tiles is not None]
+        # Under ring parallelism a layer's call is one call per K/V chunk: count them all.
+        groups = [_chunk_group(layer, layer.processor.attention) for layer in transformer.layers]
+        counts = [a.computed_tiles for group in groups for a in group if a.computed_tiles is not None]
         # The sums stay on the device until stats() is read (no host sync per call); layers of one shape are summed
         # in one launch, not one per layer.
         if counts and all(c.shape == counts[0].shape and c.device == counts[0].device for c in counts):
@@ -356,12 +358,25 @@ class LiteAttentionHandle:
         else:
             sums = iter([c.sum() for c in counts])
         layers = []
-        for layer, attention in zip(transformer.layers, attentions):
-            if attention.computed_tiles is None:
+        for layer, group in zip(transformer.layers, groups):
+            done = [a for a in group if a.computed_tiles is not None]
+            if not done:
                 layers.append((layer.qualified_name, None, None))  # a dense call: nothing skipped
             else:
-                layers.append((layer.qualified_name, next(sums), attention.num_tile_pairs))
+                computed = next(sums)
+                for _ in done[1:]:
+                    computed = computed + next(sums)
+                layers.append((layer.qualified_name, computed, sum(a.num_tile_pairs for a in done)))
         self._recorder.record(layers=layers, **self._current)
+
+
+def _chunk_group(layer: _Layer, attention) -> list:
+    """The attentions one patched call ran: under ring parallelism one per K/V chunk (``processor.chunk_attentions``),
+    else ``[attention]``."""
+    chunks = getattr(layer.processor, "chunk_attentions", None)
+    if chunks is None or isinstance(attention, CalibratingAttention):
+        return [attention]
+    return list(chunks(attention).attns)
 
 
 def _eager(fn):
