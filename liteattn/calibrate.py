@@ -367,7 +367,7 @@ class CalibratingAttention:
         errors, scores = errors_for(read, lse)
         refreshed = False
         if self.refresh and not fresh and errors[0].item() > self.refresh_factor * self.target:
-            state.set_read(torch.ones(state.shape, dtype=torch.bool, device=state.device))  # keeps the LSE
+            state.read_everything()  # keeps the LSE
             read, refreshed = None, True
             errors, scores = errors_for(read, lse)
         previous = self.records[-1] if self.records else None

@@ -175,17 +175,10 @@ class LiteAttention:
                 self.computed_tiles = None
                 return run_plan(query, key, value, plans.dense)
             if plans is not None and plans.state is self._state:
-                state = plans.state
-                if self._threshold == _MINUS_INF and state.untouched and not plans.must_skip:
-                    if plans.dense is not None:
-                        self.computed_tiles = state.counts
-                        return run_plan(query, key, value, plans.dense)
-                elif plans.skipping is not None:
-                    if self._threshold != _MINUS_INF:
-                        state.untouched = False
-                    result = run_plan(query, key, value, plans.skipping)
-                    self.computed_tiles = state.counts
-                    return result
+                plain = self._plain(plans.state, plans.must_skip)
+                plan = plans.dense if plain else plans.skipping
+                if plan is not None:
+                    return self._run(query, key, value, plan, plans.state, plain)
         return self._validated_call(query, key, value, scale, return_softmax_lse, must_do_list, must_skip_list,
                                     must_do_q_list, signature)
 
@@ -223,19 +216,26 @@ class LiteAttention:
         state = self._state
         if state is None or not state.matches(B, H, Sq, key.shape[1], query.device, must_skip):
             state = self._new_state(query, key, must_skip)
-        if (not torch.compiler.is_compiling() and self._threshold == _MINUS_INF and state.untouched
-                and not must_skip):
-            # Nothing can be dropped and nothing has been: plain attention, the fastest path there is (eager only:
-            # a compiled graph must not specialise on the threshold's value).
+        plain = not torch.compiler.is_compiling() and self._plain(state, bool(must_skip))
+        if plain:
             plan = plan_call(query, key, value, **dense_args)
             self._remember(signature, state, must_skip, dense=plan)
-            self.computed_tiles = state.counts
-            return run_plan(query, key, value, plan)
-        plan = plan_call(query, key, value, state=state, threshold=self._threshold_tensor, criterion=self.criterion,
-                         scale=scale, must_do=must_do_list, must_do_q=must_do_q_list, return_lse=return_softmax_lse,
-                         backend=self.backend)
-        self._remember(signature, state, must_skip, skipping=plan)
-        if torch.compiler.is_compiling() or self._threshold != _MINUS_INF:
+        else:
+            plan = plan_call(query, key, value, state=state, threshold=self._threshold_tensor,
+                             criterion=self.criterion, scale=scale, must_do=must_do_list, must_do_q=must_do_q_list,
+                             return_lse=return_softmax_lse, backend=self.backend)
+            self._remember(signature, state, must_skip, skipping=plan)
+        return self._run(query, key, value, plan, state, plain)
+
+    def _plain(self, state: SkipState, must_skip: bool) -> bool:
+        """Threshold -inf on a state no call has narrowed, without must-skip ranges: nothing can be dropped and
+        nothing has been, so the call is plain attention, the fastest path there is (eager only: a compiled graph
+        must not specialise on the threshold's value)."""
+        return self._threshold == _MINUS_INF and state.untouched and not must_skip
+
+    def _run(self, query, key, value, plan: tuple, state: SkipState, plain: bool):
+        """Run a validated plan with skipping on; ``plain``: the dense plan of :meth:`_plain`."""
+        if not plain and (torch.compiler.is_compiling() or self._threshold != _MINUS_INF):
             state.untouched = False
         result = run_plan(query, key, value, plan)
         self.computed_tiles = state.counts  # what this call computed, until this layer's next call

@@ -99,6 +99,11 @@ class SkipState:
         if self.lse is not None:
             self.lse.fill_(math.nan)  # no previous call
 
+    def read_everything(self) -> None:
+        """Re-admission: the next call reads every tile again (must-skip ones aside) and rebuilds the list by its
+        own decisions; unlike :meth:`reset`, the mass rule's previous LSE is kept."""
+        self.set_read(self._fresh_dense())
+
     def _fresh_dense(self) -> torch.Tensor:
         b, h, mq, nk = self.shape
         return (~tiles_covered(self.must_skip, self.seq_k, self.tile_k, self.device)).expand(b, h, mq, nk)

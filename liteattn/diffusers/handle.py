@@ -328,7 +328,7 @@ class LiteAttentionHandle:
                 attention.threshold = profile.at(layer.qualified_name, call.branch, call.step)
                 state = attention.skip_state
                 if profile.refreshes(layer.qualified_name, call.branch, call.step) and state is not None:
-                    state.set_read(torch.ones(state.shape, dtype=torch.bool, device=state.device))
+                    state.read_everything()
             elif calibration is None or not calibration.get("choose", True):
                 attention.threshold = threshold  # a device tensor filled in place, only when the value changes
             if calibration is not None:
