@@ -153,8 +153,9 @@ def load(weights, checkpoint, device, dtype):
 
 
 def measure(model, prompts: Sequence[str], *, steps: int, tiles: Sequence[int], bounds=BOUNDS, seed: int = 0,
-            guidance: float = None) -> SparsityRecorder:
-    """Sample ``prompts`` densely with a recorder on every ``attn1``; returns the recorder."""
+            guidance: float = None, frames: int = None) -> SparsityRecorder:
+    """Sample ``prompts`` densely with a recorder on every ``attn1``; returns the recorder. ``frames``: clips of
+    that many frames instead of the model's own (a longer clip than it was trained on)."""
     from liteattn.demo import data
     from liteattn.demo.sample import GUIDANCE, sample
 
@@ -165,7 +166,7 @@ def measure(model, prompts: Sequence[str], *, steps: int, tiles: Sequence[int], 
         block.attn1.set_processor(RecordingProcessor(originals[i], i, recorder))
     try:
         sample(model, data.tokenize(list(prompts)), steps=steps, seed=seed,
-               guidance=GUIDANCE if guidance is None else guidance, on_step=recorder.next_step)
+               guidance=GUIDANCE if guidance is None else guidance, on_step=recorder.next_step, frames=frames)
     finally:
         for block, original in zip(blocks, originals):
             block.attn1.set_processor(original)
@@ -187,8 +188,11 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--tiles", default="128,64")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=int, default=None, help="sample clips of this many frames (default: the model's)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.frames is not None and args.frames <= 0:
+        raise SystemExit(f"--frames must be positive, got {args.frames}")
 
     from liteattn.demo import data
 
@@ -198,10 +202,12 @@ def main(argv=None) -> int:
     tiles = [int(t) for t in args.tiles.split(",")]
     prompts = data.sample_scenes(args.num_prompts, seed=args.prompt_seed).prompts()
     start = time.perf_counter()
-    recorder = measure(model, prompts, steps=args.steps, tiles=tiles, seed=args.seed, guidance=args.guidance)
+    recorder = measure(model, prompts, steps=args.steps, tiles=tiles, seed=args.seed, guidance=args.guidance,
+                       frames=args.frames)
     seconds = time.perf_counter() - start
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     frames, size = model.video_shape
+    frames = args.frames or frames
     tokens = recorder.records[0]["tokens"]
     layers = recorder.num_layers
     bounds = recorder.bounds
