@@ -275,3 +275,21 @@ def test_heads_option_survives_resume_and_export_and_local_init_makes_7_of_8_loc
     train.main(["--export", str(second), "--weights", str(weights)])
     model = load_model(weights)
     assert model.transformer.blocks[0].attn1.heads == 8 and model.video_shape == (2, 16)
+
+
+def test_sample_gif_reference_row_has_the_models_clip_shape(tmp_path):
+    """write_sample_gif (the training runs' samples) draws its data row at the model's own clip length, frame size
+    and ground regions: a run resumed at 32 frames crashed here when the data row kept 16 frames."""
+    pytest.importorskip("imageio")
+    import imageio.v2 as imageio
+
+    from liteattn.demo.sample import write_sample_gif
+
+    torch.manual_seed(0)
+    model = build_model(TINY, dict(layers=1, heads=2), dict(TINY_VIDEO, frames=6, regions=3)).eval()
+    path = tmp_path / "s.gif"
+    write_sample_gif(model, path, prompts=["red circle moving left"], steps=1)
+    frames = imageio.mimread(str(path))
+    assert len(frames) == 6 and frames[0].shape[:2] == (2 * 16, 16)  # samples above data, one prompt wide
+    still = imageio.imread(str(path).rsplit(".", 1)[0] + ".png")
+    assert still.shape[:2] == (4 * 2 * 16 * 2, 16 * 2)  # four frames, each doubled in size

@@ -121,7 +121,8 @@ def to_uint8(videos: torch.Tensor) -> torch.Tensor:
 
 def write_sample_gif(model, path, prompts: Sequence[str] = DEFAULT_PROMPTS, steps: int = 24, seed: int = 0,
                      device=None) -> None:
-    """EMA samples beside procedural videos of random scenes: a GIF (and a PNG of frames 0, 5, 10, 15 beside it).
+    """EMA samples beside procedural videos of random scenes of the same shape: a GIF (and a PNG of four frames from
+    the first to the last beside it).
 
     For training runs: a quick look at what the model draws. Top row: samples for ``prompts``; bottom row: data.
     """
@@ -133,9 +134,14 @@ def write_sample_gif(model, path, prompts: Sequence[str] = DEFAULT_PROMPTS, step
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         videos = sample(model, tokens, steps=steps, seed=seed)
     dataset = getattr(model, "dataset", data)  # the large model draws textured scenes
-    real = dataset.render(dataset.sample_scenes(len(prompts), seed=12345).to(videos.device))
+    length, size = videos.shape[2], videos.shape[-1]  # the model's clips (a resumed run may have changed them)
+    scene_kw = {}
+    if dataset is not data:  # textured scenes take the frame size and the ground's regions
+        scene_kw = {"size": size, "regions": int(getattr(model, "video", {}).get("regions", 1) or 1)}
+    scenes = dataset.sample_scenes(len(prompts), seed=12345, **scene_kw).to(videos.device)
+    real = dataset.render(scenes, frames=length, size=size)
     frames = torch.cat([torch.cat(list(to_uint8(v)), dim=2) for v in (videos, real)], dim=1)  # (T, 2H, B*W, 3)
     frames = frames.numpy()
     imageio.mimsave(str(path), list(frames), duration=0.1, loop=0)
-    still = np.concatenate([frames[i] for i in (0, 5, 10, 15)], axis=0)
+    still = np.concatenate([frames[i] for i in np.linspace(0, length - 1, 4).round().astype(int)], axis=0)
     imageio.imwrite(str(path).rsplit(".", 1)[0] + ".png", np.kron(still, np.ones((2, 2, 1), dtype=np.uint8)))
