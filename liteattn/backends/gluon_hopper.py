@@ -1,0 +1,215 @@
+"""Kernel v2 for Hopper (issue 12), in Gluon: work in progress, not registered as a backend, used by no path.
+
+Status (2026-11-28): written and compile-checked on the CPU for sm_90 (tests/test_gluon_hopper.py builds the cubin
+with ptxas); **not yet run on a GPU**. bench/NOTES.md ("Where the dense core's time goes") says why it exists and
+what each step should recover. This first version is step 1 of that plan:
+
+- one CTA per (128-row q-tile, batch*head), 12 warps in three partitions:
+  a **producer** (1 warp, 24 registers) walks the q-tile's read list (or every k-tile) and issues the K and V TMA
+  loads into a ring of ``STAGES`` shared-memory stages, each with a "ready" mbarrier (TMA bytes) and an "empty"
+  mbarrier (two arrivals: one per consumer);
+- two **consumers** (4 warps = one warpgroup each: the default partition and a worker) each own 64 of the 128 rows.
+  Each runs the online softmax of ``liteattn/backends/triton_kernel.py`` (exp2, scale folded in, the ragged last
+  k-tile masked) with asynchronous ``warpgroup_mma``: S = Q K^T from shared memory, then O += P V with P in
+  registers. A consumer waits only on the ring's barriers. No CTA-wide barrier sits in the loop, so each
+  warpgroup's softmax can run while the other issues its GEMMs. Explicit ping-pong (step 2) and intra-warpgroup
+  overlap (step 3) are not in yet.
+
+Not in yet: the write list (flags), the LSE outputs, the mass rule, must-do ranges. The launcher refuses those
+(ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
+registry as the sm_90 path; the Triton kernel stays the portable one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+ROWS_PER_CONSUMER = gl.constexpr(64)  # one warpgroup's wgmma M
+TILE_Q = 2 * ROWS_PER_CONSUMER.value
+
+
+@gluon.jit
+def _producer(p, which: gl.constexpr):
+    """1 warp: the K/V loads of the q-tile's k-tiles, in list order, into the ring."""
+    (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty) = p
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_row = b * seq_k
+    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
+    count = num_k_tiles
+    if read_cnt_ptr is not None:
+        count = gl.load(read_cnt_ptr + row)
+    for i in range(count):
+        j = i
+        if read_idx_ptr is not None:
+            j = gl.load(read_idx_ptr + row * num_k_tiles + i)
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(empty.index(s), phase ^ 1)  # a fresh barrier counts as completed phase 1
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, h * HEAD_DIM], ready.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, h * HEAD_DIM], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _consumer(p, which: gl.constexpr):
+    """One warpgroup: rows ``which * 64 ... + 63`` of the q-tile, online softmax over the ring's k-tiles."""
+    (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty) = p
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    M: gl.constexpr = ROWS_PER_CONSUMER
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
+    count = num_k_tiles
+    if read_cnt_ptr is not None:
+        count = gl.load(read_cnt_ptr + row)
+
+    q_half = q_smem.index(which)
+    mbarrier.wait(q_bar.index(which), 0)
+
+    m_i = gl.full([M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    for i in range(count):
+        j = i
+        if read_idx_ptr is not None:
+            j = gl.load(read_idx_ptr + row * num_k_tiles + i)
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        k_tile = k_smem.index(s)
+        v_tile = v_smem.index(s)
+        scores = gl.zeros([M, BLOCK_N], gl.float32, s_layout)
+        scores = warpgroup_mma(q_half, k_tile.permute((1, 0)), scores, use_acc=False, is_async=True)
+        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
+        if (j + 1) * BLOCK_N > seq_k:  # the ragged last k-tile: rows past seq_k belong to the next batch
+            scores = gl.where(gl.expand_dims(j * BLOCK_N + cols < seq_k, 0), scores, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
+        probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(probs, axis=1)
+        m_i = m_new
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(probs.to(v_desc.dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+
+    # Rows that read no tile (l = 0) give 0, as the other backends do.
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    rows = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_o)
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+            + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
+    gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
+
+
+@gluon.jit
+def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads,
+                 num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, STAGES: gl.constexpr):
+    M: gl.constexpr = ROWS_PER_CONSUMER
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bar.index(c), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
+
+    # Q: each consumer's 64 rows, loaded once before the partitions split.
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    q_row = (pid_bh // num_heads) * seq_q + pid_m * (2 * M)
+    q_col = (pid_bh % num_heads) * HEAD_DIM
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + c * M, q_col], q_bar.index(c), q_smem.index(c))
+
+    p = (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
+         num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty)
+    gl.warp_specialize([
+        (_consumer, (p, 0)),
+        (_consumer, (p, 1)),
+        (_producer, (p, 0)),
+    ], [4, 1], [240, 24])
+
+
+def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Host TMA descriptors over the (B*S, H*D) views of (B, S, H, D) inputs (contiguous rows, 16-byte aligned)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
+    out = []
+    for x, block in ((q, [ROWS_PER_CONSUMER.value, q.shape[-1]]), (k, [block_n, k.shape[-1]]), (v, [block_n, v.shape[-1]])):
+        B, S, H, D = x.shape
+        view = x.as_strided((B * S, H * D), (x.stride(1), 1))
+        out.append(TensorDescriptor(view, list(view.shape), list(view.stride()), block,
+                                    gl.NVMMASharedLayout.get_default_for(block, dtype)))
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, scale=None, block_n: int = 128,
+              stages: int = 2, out=None) -> torch.Tensor:
+    """``out (B, Sq, H, D)`` of dense attention, or over a read list (``SkipList`` with 128-row q-tiles and
+    ``block_n``-wide k-tiles). CUDA, sm_90, fp16/bf16, contiguous (B, S, H, D), D = V's D in {64, 128}. ``out``:
+    a contiguous buffer like ``q`` to write into (checks poison it first)."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        raise ValueError("the Gluon kernel runs on Hopper (sm_90) CUDA devices only")
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"the Gluon kernel takes float16 or bfloat16 q, k, v of one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if D not in (64, 128) or v.shape[-1] != D or k.shape != (B, Sk, H, D) or v.shape != k.shape:
+        raise ValueError(f"the Gluon kernel takes q (B, Sq, H, D), k and v (B, Sk, H, D) with D in (64, 128), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not all(x.is_contiguous() for x in (q, k, v)):
+        raise ValueError("the Gluon kernel takes contiguous q, k, v")
+    num_q_tiles, num_k_tiles = triton.cdiv(Sq, TILE_Q), triton.cdiv(Sk, block_n)
+    idx = cnt = None
+    if read is not None:
+        if (read.tile_q, read.tile_k) != (TILE_Q, block_n) or tuple(read.shape) != (B, H, num_q_tiles, num_k_tiles):
+            raise ValueError(f"read list of tiles ({read.tile_q}, {read.tile_k}) and shape {tuple(read.shape)}; "
+                             f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
+                             f"{(B, H, num_q_tiles, num_k_tiles)}")
+        idx, cnt = read.kv_indices, read.kv_counts
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    q_desc, k_desc, v_desc = descriptors(q, k, v, block_n)
+    scale = D ** -0.5 if scale is None else scale
+    _attn_fwd_ws[(num_q_tiles, B * H)](
+        q_desc, k_desc, v_desc, out, out.stride(1), out.stride(2), out.stride(0), Sq, Sk, H, num_q_tiles,
+        num_k_tiles, scale * 1.4426950408889634, idx, cnt, STAGES=stages, num_warps=4, maxnreg=168)
+    return out
