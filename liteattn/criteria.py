@@ -8,10 +8,11 @@ name here:
 - ``"max"`` (the reference implementation's rule, the default of ``LiteAttention``): keep tile j iff it raises some
   query row's running score maximum by more than ``threshold`` (log2 units).
 - ``"mass"``: keep tile j iff some query row puts more than ``2**threshold`` of its attention on it, measured
-  against that row's log-sum-exp in the previous call of the layer (kept in ``SkipState.lse``); ``-10`` drops a tile
-  when no row puts more than 1/1024 of its attention on it. A row with no previous call measures against this
-  call's running log-sum-exp, which can only overstate a tile's share, so the first call of a run keeps more than
-  later ones. The first processed tile of each q-tile is always kept, as with ``"max"``, so no list runs empty.
+  against that row's log-sum-exp in the previous call of the layer (kept in the ``SkipState``, rounded down to 1/8
+  of a log2 unit, which can only keep more); ``-10`` drops a tile when no row puts more than 1/1024 of its attention
+  on it. A row with no previous call measures against this call's running log-sum-exp, which can only overstate a
+  tile's share, so the first call of a run keeps more than later ones. The first processed tile of each q-tile is
+  always kept, as with ``"max"``, so no list runs empty.
 
 The threshold reaches the kernels as a 0-d float32 tensor on the inputs' device, loaded at run time, so a new value
 never recompiles anything (``torch.compile`` sees a tensor, not a constant). Values are checked once, on the

@@ -3,28 +3,46 @@
 The decisions of a call only ever remove tiles from what it read, and the next call needs them only as "which tiles
 to read". So the persistent state is one bit per (batch, head, q-tile, k-tile)::
 
-    bits    int32 (B, H, Mq, W)   W = ceil(Nk / 32); bit j % 32 of word j // 32 set = the next call computes tile j
-    counts  int32 (B, H, Mq)      how many tiles the latest call computed (before any call: how many the next will)
-    lse     float32 (B, H, Sq)    the latest call's log-sum-exp, for keep rules that read it (else None)
+    bits       int32 (B, H, Mq, W)   W = ceil(Nk / 32); bit j % 32 of word j // 32 set = the next call computes tile j
+    counts     int32 (B, H, Mq)      how many tiles the latest call computed (before any call: how many the next will)
+    lse_base   float32 (B, H, Mq)    keep rules that read the previous call's log-sum-exp (else None): per q-tile, the
+    lse_codes  uint8 (B, H, Sq)      smallest finite LSE of its rows, and per row ``(lse - base) / LSE_STEP``, rounded
+                                     down (255: no LSE)
 
 A call expands the bits into a compact list (FlexAttention's format, what the kernel walks), computes, flags the
-tiles it keeps, and packs the flags back into the bits, in place. The compact list and the flags are transient: they
-exist during the call only, and PyTorch's caching allocator hands the same block to the next layer's call. For
-Wan2.1-14B at 720p (H=40, 591 x 591 tiles) a state holds 1.9 MB (the ping-pong compact lists it replaced: 112 MB),
-and a call 112 MB more while it runs.
+tiles it keeps, and packs the flags back into the bits, in place. It decodes the LSE into a float32 ``(B, H, Sq)``
+buffer the same way, and encodes the new one back. The compact list, the flags and the decoded LSE are transient:
+they exist during the call only, and PyTorch's caching allocator hands the same block to the next layer's call.
+
+The LSE is kept in 8 bits per row, rounded down (:func:`encode_lse`): the decoded value is never larger than the
+true one, and less than ``LSE_STEP`` (1/8 of a log2 unit; up to one float32 rounding) below it unless the row lies
+more than 254 steps above its q-tile's smallest LSE (then it is clamped, still below). The mass rule measures a
+tile's share against it, so a rounded LSE can only overstate a share: the call keeps a superset of the tiles the
+exact LSE would keep.
+
+For Wan2.1-14B at 720p (B=1, H=40, 75600 tokens, 591 x 591 tiles) a state holds 1.9 MB, 5.0 MB with the LSE (the
+ping-pong compact lists it replaced: 112 MB; a float32 LSE alone: 12.1 MB), and a call 112 MB more while it runs.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 
 from .skip import SkipList, _as_int, check_tile, fraction_skipped, normalize_ranges, num_tiles, tiles_covered
 
-__all__ = ["SkipState", "bits_from_dense", "dense_from_bits", "num_words"]
+__all__ = ["SkipState", "bits_from_dense", "dense_from_bits", "num_words", "encode_lse", "decode_lse", "LSE_STEP"]
 
 WORD_BITS = 32
+
+# The LSE's code unit: ln(2) / 8 (natural log, 1/8 of a log2 unit), rounded to 15 significant bits so that
+# code * LSE_STEP (8 bits x 15 bits) is exact in float32 and a decoded value is one rounding of base + code * LSE_STEP,
+# whatever a compiler fuses.
+LSE_STEP = 22713 / 2 ** 18  # 0.0866432; ln(2) / 8 = 0.0866434
+LSE_NONE = 255  # the code of a row without a finite LSE
+LSE_MAX_CODE = 254
 
 
 def num_words(num_k_tiles: int) -> int:
@@ -46,6 +64,56 @@ def dense_from_bits(bits: torch.Tensor, num_k_tiles: int) -> torch.Tensor:
     lanes = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
     dense = ((bits.unsqueeze(-1) >> lanes) & 1).bool().flatten(-2)
     return dense[..., :num_k_tiles]
+
+
+def _tile_rows(base: torch.Tensor, tile_q: int, seq_q: int) -> torch.Tensor:
+    """``(..., Mq)`` per q-tile -> ``(..., seq_q)`` per row (the last q-tile may be ragged)."""
+    return base.unsqueeze(-1).expand(*base.shape, tile_q).flatten(-2)[..., :seq_q]
+
+
+def _decoded(rows_base: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return rows_base + codes.to(torch.float32) * LSE_STEP  # the product is exact: one rounding in all
+
+
+def encode_lse(lse: torch.Tensor, tile_q: int, codes: Optional[torch.Tensor] = None,
+               base: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(..., Sq)`` LSE (natural log) -> ``(codes uint8 (..., Sq), base float32 (..., Mq))``, written into
+    ``codes`` and ``base`` when they are given.
+
+    ``base`` is, per q-tile of ``tile_q`` rows, the smallest finite LSE of its rows (NaN: none). A row's code is the
+    largest ``c`` in [0, 254] whose decoded value ``base + c * LSE_STEP`` is not above its LSE: ``floor((lse - base) /
+    LSE_STEP)`` clamped, checked against float32 rounding. Rows whose LSE is not finite (NaN: no previous call,
+    -inf: a row that read nothing) get 255. Vectorised, no host sync: runs on any device and under torch.compile.
+    """
+    seq_q = lse.shape[-1]
+    mq = -(-seq_q // tile_q)
+    finite = torch.isfinite(lse)
+    padded = torch.nn.functional.pad(lse.masked_fill(~finite, math.inf), (0, mq * tile_q - seq_q), value=math.inf)
+    tile_min = padded.unflatten(-1, (mq, tile_q)).amin(-1)
+    tile_min = tile_min.masked_fill(torch.isinf(tile_min), math.nan)  # a q-tile without a finite LSE
+    rows = _tile_rows(tile_min, tile_q, seq_q)  # finite wherever lse is
+    code = ((lse - rows) / LSE_STEP).floor().clamp(0, LSE_MAX_CODE)
+    code = torch.where(finite, code, 0.0)
+    # The float32 division may be one off either way: step down where it decodes above the LSE, then up while the
+    # next code would not; code 0 decodes to the tile's minimum, never above a row of the tile.
+    code = torch.where(_decoded(rows, code) > lse, code - 1, code).clamp_min(0)
+    code = torch.where((code < LSE_MAX_CODE) & (_decoded(rows, code + 1) <= lse), code + 1, code)
+    code = torch.where(_decoded(rows, code) > lse, 0.0, code)  # (only at magnitudes where the step is below an ulp)
+    code = torch.where(finite, code, float(LSE_NONE)).to(torch.uint8)
+    if codes is not None:
+        codes.copy_(code)
+        code = codes
+    if base is not None:
+        base.copy_(tile_min)
+        tile_min = base
+    return code, tile_min
+
+
+def decode_lse(codes: torch.Tensor, base: torch.Tensor, tile_q: int) -> torch.Tensor:
+    """uint8 ``codes (..., Sq)`` and float32 ``base (..., Mq)`` (:func:`encode_lse`) -> float32 ``(..., Sq)``: NaN
+    where the code is 255, else ``base + code * LSE_STEP``; never above the LSE that was encoded."""
+    value = _decoded(_tile_rows(base, tile_q, codes.shape[-1]), codes)
+    return value.masked_fill(codes == LSE_NONE, math.nan).contiguous()
 
 
 def _check_room(device: torch.device, state_bytes: int, call_bytes: int) -> None:
@@ -81,13 +149,19 @@ class SkipState:
         self.must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         mq, nk = num_tiles(seq_q, tile_q), num_tiles(seq_k, tile_k)
-        _check_room(self.device, batch * heads * mq * (num_words(nk) + 1) * 4 + (batch * heads * seq_q * 4 if with_lse
-                                                                                 else 0),
-                    2 * batch * heads * mq * nk * 4)
+        rows = batch * heads * seq_q
+        # A call: the compact list and the flags (int32 per tile pair); with the LSE, its decoded float32 copy and
+        # the encoder's temporaries (a few float32 per row).
+        _check_room(self.device, batch * heads * mq * (num_words(nk) + 1) * 4 + (rows + batch * heads * mq * 4
+                                                                                 if with_lse else 0),
+                    2 * batch * heads * mq * nk * 4 + (5 * rows * 4 if with_lse else 0))
         self.bits = torch.empty(batch, heads, mq, num_words(nk), dtype=torch.int32, device=self.device)
         self.counts = torch.empty(batch, heads, mq, dtype=torch.int32, device=self.device)
         self.device = self.bits.device  # with its index: "cuda" becomes "cuda:0", as the inputs' device reads
-        self.lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=self.device) if with_lse else None
+        self.lse_codes = self.lse_base = None  # the previous call's LSE, compressed (module docstring)
+        if with_lse:
+            self.lse_codes = torch.empty(batch, heads, seq_q, dtype=torch.uint8, device=self.device)
+            self.lse_base = torch.empty(batch, heads, mq, dtype=torch.float32, device=self.device)
         self.reset()
 
     def reset(self) -> None:
@@ -96,8 +170,9 @@ class SkipState:
         self.untouched = True  # no call has narrowed it down since the reset (LiteAttention keeps this up to date)
         self.bits.copy_(bits_from_dense(fresh))
         self.counts.copy_(fresh.sum(-1, dtype=torch.int32))
-        if self.lse is not None:
-            self.lse.fill_(math.nan)  # no previous call
+        if self.lse_codes is not None:  # no previous call
+            self.lse_codes.fill_(LSE_NONE)
+            self.lse_base.fill_(math.nan)
 
     def read_everything(self) -> None:
         """Re-admission: the next call reads every tile again (must-skip ones aside) and rebuilds the list by its
@@ -132,9 +207,28 @@ class SkipState:
         return torch.Size((b, h, mq, num_tiles(self.seq_k, self.tile_k)))
 
     @property
+    def lse(self) -> Optional[torch.Tensor]:
+        """The previous call's log-sum-exp as the next call's keep rule reads it: float32 ``(B, H, Sq)``, natural log,
+        NaN where there is none (a snapshot decoded from the codes: never above the exact one, less than ``LSE_STEP``
+        below it unless clamped, module docstring); None for a state built without ``with_lse``."""
+        if self.lse_codes is None:
+            return None
+        return decode_lse(self.lse_codes, self.lse_base, self.tile_q)
+
+    def set_lse(self, lse: torch.Tensor) -> None:
+        """Make ``lse`` (float32 ``(B, H, Sq)``, natural log; NaN: none) the previous LSE the next call reads,
+        rounded down as a call's own (:func:`encode_lse`)."""
+        if self.lse_codes is None:
+            raise ValueError("this state keeps no LSE; build it with with_lse=True")
+        expected = tuple(self.lse_codes.shape)
+        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != expected:
+            raise ValueError(f"set_lse takes a float32 tensor of shape {expected}")
+        encode_lse(lse.to(self.device), self.tile_q, self.lse_codes, self.lse_base)
+
+    @property
     def nbytes(self) -> int:
         """Device memory held by this state, in bytes."""
-        tensors = [self.bits, self.counts] + ([self.lse] if self.lse is not None else [])
+        tensors = [self.bits, self.counts] + ([self.lse_codes, self.lse_base] if self.lse_codes is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to_dense(self) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liteattn import SkipList, lite_attention
+from liteattn import SkipList, SkipState, lite_attention
+from liteattn.state import decode_lse, encode_lse
 from liteattn.testing import StructuredSequence, structured_qkv
 from lists import ListPair
 from oracle import check_call, fresh_read, max_err, oracle_attention, overlapping_tiles
@@ -352,19 +353,65 @@ def test_skip_state_path_matches_the_oracle(criterion):
 
     seq = StructuredSequence(4, batch=2, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0), seed=4)
     state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=64, must_skip=[(0, 64)], with_lse=criterion == "mass")
-    assert state.nbytes == 2 * 2 * 10 * 1 * 4 + 2 * 2 * 10 * 4 + (2 * 2 * 300 * 4 if criterion == "mass" else 0)
+    # bits, counts, and with the LSE one uint8 code per row and one float32 base per q-tile
+    assert state.nbytes == 2 * 2 * 10 * 1 * 4 + 2 * 2 * 10 * 4 + (2 * 2 * 300 + 2 * 2 * 10 * 4 if criterion == "mass"
+                                                                  else 0)
     reads = []
-    for q, k, v in seq:
+    for n, (q, k, v) in enumerate(seq):
         read = state.to_dense().clone()
-        lse_prev = None if state.lse is None else state.lse.clone()
+        lse_prev = None if state.lse is None else state.lse  # the decoded previous LSE: what the call measures against
+        if lse_prev is not None:
+            assert torch.isnan(lse_prev).all() == (n == 0)
         out, lse = lite_attention(q, k, v, state=state, threshold=-6.0, criterion=criterion, return_lse=True,
                                   backend="torch")
         assert torch.equal(state.counts, read.sum(-1, dtype=torch.int32))  # what this call computed
         check_call(q, k, v, read, out, lse, state.to_dense(), threshold=-6.0, tile_q=32, tile_k=64,
                    criterion=criterion, lse_prev=lse_prev)
+        if state.lse is not None:  # this call's LSE, rounded down to its codes
+            assert torch.equal(state.lse, decode_lse(*encode_lse(lse, 32), 32))
         reads.append(read)
     reads.append(state.to_dense())
     assert_monotone(reads)
     assert not reads[0][..., 0].any() and state.sparsity() > 0.3
     state.reset()
     assert torch.equal(state.to_dense(), reads[0]) and torch.equal(state.read.to_dense(), reads[0])
+
+
+def two_calls(inputs: str, dtype=torch.float32):
+    """Two consecutive calls' (q, k, v), (1, S, 2, 32). ``structured``: positional attention, whose rows' LSEs
+    spread over more than 254 steps within a q-tile (many rows clamped); ``random``: random scores, every row within
+    a few steps of its tile's minimum and tile shares near 2^-1.5 (decisions close to these thresholds)."""
+    if inputs == "structured":
+        return 300, 32, (-4.0, -6.0, -8.0, -10.0), list(StructuredSequence(
+            2, batch=1, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0), dtype=dtype, seed=6))
+    gen = torch.Generator().manual_seed(384)
+    first = [torch.randn(1, 384, 2, 32, generator=gen) * gain for gain in (1.5, 1.5, 1.0)]
+    second = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in first]
+    return 384, 64, (-1.5, -1.0), [tuple(x.to(dtype) for x in first), tuple(x.to(dtype) for x in second)]
+
+
+@pytest.mark.parametrize("inputs", ["structured", "random"])
+def test_a_rounded_down_lse_keeps_a_superset_of_the_exact_lses_tiles(inputs):
+    """Issue 11: a SkipState keeps the mass rule's previous LSE rounded down to 8 bits per row. Measured against it
+    a tile's share can only be larger: on the same inputs, read list and previous LSE, the state path keeps every
+    tile that the exact float32 LSE (the stateless ``lse_state=``) keeps, and exactly what the oracle keeps given
+    the rounded LSE."""
+    seq_q, tile, thresholds, ((q0, k0, v0), (q, k, v)) = two_calls(inputs)
+    _, exact = lite_attention(q0, k0, v0, return_lse=True, backend="torch", tile_q=tile, tile_k=tile)
+    extra = 0
+    for threshold in thresholds:
+        write = SkipList.full(1, 2, seq_q, seq_q, tile, tile)
+        poison(write)
+        lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
+                       backend="torch")
+        state = SkipState(1, 2, seq_q, seq_q, tile, tile, with_lse=True)
+        state.set_lse(exact)
+        rounded = state.lse
+        assert (rounded <= exact).all() and (rounded < exact).any()
+        out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="torch")
+        kept, kept_exact = state.to_dense(), write.to_dense()
+        assert not (kept_exact & ~kept).any(), f"threshold {threshold}: the rounded LSE dropped a tile"
+        extra += int((kept & ~kept_exact).sum())
+        check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=tile, tile_k=tile, criterion="mass",
+                   lse_prev=rounded)
+    assert extra > 0  # conservative, and measurably so on these inputs

@@ -22,10 +22,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_layer_matches_eager_and_new_thresholds_do_not_recompile():
+@pytest.mark.parametrize("criterion", ["max", "mass"])
+def test_compiled_layer_matches_eager_and_new_thresholds_do_not_recompile(criterion):
     q, k, v = structured_qkv(1, 200, 2, 32)
-    compiled_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch")
-    eager_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch")
+    compiled_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch", criterion=criterion)
+    eager_attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32, backend="torch", criterion=criterion)
 
     def step(attn, q, k, v):
         return attn(q, k, v, must_do_list=MUST_DO) * 2
@@ -39,6 +40,8 @@ def test_compiled_layer_matches_eager_and_new_thresholds_do_not_recompile():
         ref = step(eager_attn, q, k, v)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
         assert torch.equal(compiled_attn.skip_state.read.to_dense(), eager_attn.skip_state.read.to_dense())
+        if criterion == "mass":  # the state (built in the compiled graph) keeps the same rounded LSE
+            assert torch.equal(compiled_attn.skip_state.lse, eager_attn.skip_state.lse)
         graphs.append(counters["stats"]["unique_graphs"])
     assert eager_attn.sparsity > 0
     # The first call's graph builds the state, the second call's is the steady state; six thresholds and five
@@ -53,6 +56,27 @@ def test_no_graph_break_in_a_steady_state_call():
     explanation = torch._dynamo.explain(lambda q, k, v: attn(q, k, v, must_do_list=MUST_DO))(q, k, v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_lse_codes_trace_whole():
+    """The skip state's LSE encoder and decoder (liteattn/state.py) compile as one graph, with no host sync or
+    data-dependent Python, and give what they give eagerly (ragged last q-tile, NaN and -inf rows, a tile of NaN)."""
+    from liteattn.state import decode_lse, encode_lse
+
+    lse = 20 + 6 * torch.randn(2, 3, 150, generator=torch.Generator().manual_seed(0))
+    lse[0, 0, :64] = float("nan")
+    lse[1, 2, 7] = -float("inf")
+
+    def round_trip(lse, codes, base):
+        encode_lse(lse, 64, codes, base)
+        return decode_lse(codes, base, 64)
+
+    buffers = [(torch.full((2, 3, 150), 7, dtype=torch.uint8), torch.zeros(2, 3, 3)) for _ in range(2)]
+    got = torch.compile(round_trip, fullgraph=True, backend="aot_eager")(lse, *buffers[0])
+    expected = round_trip(lse, *buffers[1])
+    assert torch.allclose(got, expected, rtol=0, atol=0, equal_nan=True) and torch.isnan(got[0, 0, :64]).all()
+    assert torch.equal(buffers[0][0], buffers[1][0])
+    assert torch.allclose(buffers[0][1], buffers[1][1], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("ranges, length, tile", [

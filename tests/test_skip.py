@@ -1,5 +1,7 @@
 """SkipList / SkipState: construction, inspection helpers, validation, and the state's bitmask."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from liteattn import SkipList, SkipState
 from liteattn.skip import normalize_ranges, tiles_covered, tiles_overlapping
+from liteattn.state import LSE_STEP, decode_lse, encode_lse
 from oracle import covered_tiles, fresh_read, overlapping_tiles
 
 
@@ -108,6 +111,21 @@ def test_set_read_and_a_small_state():
     # Wan2.1-14B at 720p: B=1, H=40, S=75600, 128-token tiles.
     big = SkipState(1, 40, 75600, 75600, 128, 128, device="meta")
     assert big.nbytes == 40 * 591 * 19 * 4 + 40 * 591 * 4 <= 6.25 * 2 ** 20  # 1.89 MB
+    assert big.lse is None and big.lse_codes is None and big.lse_base is None
+
+
+def test_a_wan_14b_720p_state_with_its_lse_fits_issue_11s_budget():
+    """Issue 11: a SkipState for B=1, H=40, S=75600, 128-token tiles holds at most 6.25 MiB, the mass rule's LSE
+    included, and the 40 layers x 2 guidance branches of Wan2.1-14B at most 0.5 GB (a float32 LSE made it 14.0 MB
+    per state, 1.12 GB in all)."""
+    big = SkipState(1, 40, 75600, 75600, 128, 128, device="meta", with_lse=True)
+    bits_and_counts = 40 * 591 * 19 * 4 + 40 * 591 * 4
+    codes, bases = 40 * 75600 * 1, 40 * 591 * 4
+    assert big.lse_codes.dtype == torch.uint8 and big.lse_codes.shape == (1, 40, 75600)
+    assert big.lse_base.dtype == torch.float32 and big.lse_base.shape == (1, 40, 591)
+    assert big.nbytes == bits_and_counts + codes + bases == 5_009_760 <= 6.25 * 2 ** 20  # 4.78 MiB
+    assert 80 * big.nbytes <= 0.5e9  # 0.40 GB
+    assert big.nbytes < bits_and_counts + 40 * 75600 * 4  # a float32 LSE: 14.0 MB
 
 
 def test_reset_after_garbage():
@@ -115,11 +133,111 @@ def test_reset_after_garbage():
     fresh = state.to_dense().clone()
     state.bits.fill_(-3)
     state.counts.fill_(99)
-    state.lse.fill_(1.0)
+    state.lse_codes.fill_(3)
+    state.lse_base.fill_(1.0)
+    assert (state.lse == 1.0 + 3 * LSE_STEP).all()
     state.reset()
     assert torch.equal(state.to_dense(), fresh) and torch.equal(state.counts, fresh.sum(-1, dtype=torch.int32))
-    assert torch.isnan(state.lse).all()
+    assert torch.isnan(state.lse).all() and (state.lse_codes == 255).all() and torch.isnan(state.lse_base).all()
     state.read.check()
+
+
+# -- the mass rule's previous LSE, 8 bits per row ---------------------------------------------------------------
+
+def tile_minima(lse: torch.Tensor, tile_q: int) -> torch.Tensor:
+    """Per q-tile, the smallest finite value of its rows (NaN: none), one tile at a time."""
+    *lead, seq_q = lse.shape
+    out = torch.full((*lead, -(-seq_q // tile_q)), math.nan)
+    for i in range(out.shape[-1]):
+        rows = lse[..., i * tile_q:(i + 1) * tile_q]
+        finite = rows.masked_fill(~torch.isfinite(rows), math.inf).amin(-1)
+        out[..., i] = torch.where(torch.isinf(finite), math.nan, finite)
+    return out
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs()
+
+
+def check_lse_codes(lse: torch.Tensor, tile_q: int) -> None:
+    """encode_lse / decode_lse against their contract (liteattn/state.py), from first principles."""
+    codes, base = encode_lse(lse, tile_q)
+    decoded = decode_lse(codes, base, tile_q)
+    assert codes.dtype == torch.uint8 and codes.shape == lse.shape
+    assert base.dtype == torch.float32 and base.shape == (*lse.shape[:-1], -(-lse.shape[-1] // tile_q))
+    assert decoded.dtype == torch.float32 and decoded.shape == lse.shape and decoded.is_contiguous()
+    assert torch.allclose(base, tile_minima(lse, tile_q), rtol=0, atol=0, equal_nan=True)  # equal, NaN included
+    finite = torch.isfinite(lse)
+    assert torch.equal(codes == 255, ~finite) and torch.equal(torch.isnan(decoded), ~finite)
+    true, got = lse[finite], decoded[finite]
+    assert (got <= true).all(), "a decoded LSE above the true one"  # never larger: the mass rule stays conservative
+    row_base = base.repeat_interleave(tile_q, -1)[..., :lse.shape[-1]][finite]
+    above = true - row_base
+    within = above < 254 * LSE_STEP
+    assert (true - got < LSE_STEP + ulp(true))[within].all(), "more than one step below"
+    clamped = above > 255 * LSE_STEP + 1e-3
+    assert (codes[finite][clamped] == 254).all() and torch.equal(got[clamped], row_base[clamped] + 254 * LSE_STEP)
+    # Decoding is lossless from then on: the state's snapshot, given back with set_lse, encodes to itself.
+    again = encode_lse(decoded, tile_q)
+    assert torch.equal(again[0], codes) and torch.allclose(again[1], base, rtol=0, atol=0, equal_nan=True)
+
+
+def test_lse_codes_edge_cases():
+    tile = 32
+    lse = torch.full((1, 2, 70), 12.5)  # 3 q-tiles, the last ragged (rows 64 .. 69)
+    lse[0, 0, :5] = torch.tensor([-3.0, -3.0 + 3 * LSE_STEP, -3.0 + 3.5 * LSE_STEP, math.nan, -math.inf])
+    lse[0, 0, 5] = -3.0 + 300 * LSE_STEP  # clamped: 254 steps
+    lse[0, 0, 6] = -3.0 + 254.5 * LSE_STEP  # not clamped: the last code
+    lse[0, 1, 32:64] = math.nan  # a q-tile without any LSE: base NaN
+    lse[0, 1, 40] = -math.inf
+    lse[0, 1, 64:70] = torch.linspace(-40.0, 60.0, 6)  # the ragged tile: wide spread
+    codes, base = encode_lse(lse, tile)
+    assert codes[0, 0, :7].tolist() == [0, 3, 3, 255, 255, 254, 254]
+    assert base[0, 0].tolist() == [-3.0, 12.5, 12.5] and base[0, 1, 0] == 12.5 and torch.isnan(base[0, 1, 1])
+    assert base[0, 1, 2] == -40.0 and (codes[0, 1, 32:64] == 255).all()
+    decoded = decode_lse(codes, base, tile)
+    assert torch.isnan(decoded[0, 0, 3:5]).all() and torch.isnan(decoded[0, 1, 32:64]).all()
+    assert decoded[0, 0, 5] == decoded[0, 0, 6] == torch.tensor(-3.0 + 254 * LSE_STEP)
+    check_lse_codes(lse, tile)
+    # Written into the given buffers, every element of them (poisoned first).
+    out_codes = torch.full_like(codes, 77)
+    out_base = torch.full_like(base, 1234.0)
+    got = encode_lse(lse, tile, out_codes, out_base)
+    assert got[0] is out_codes and got[1] is out_base
+    assert torch.equal(out_codes, codes) and torch.allclose(out_base, base, rtol=0, atol=0, equal_nan=True)
+    assert abs(LSE_STEP - math.log(2) / 8) < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 300)),
+       tile=st.sampled_from([16, 32, 64, 128]), spread=st.sampled_from([0.01, 1.0, 8.0, 40.0]),
+       centre=st.sampled_from([-50.0, 0.0, 30.0, 2000.0]), holes=st.floats(0, 0.5), seed=st.integers(0, 1000))
+def test_lse_codes_round_down_by_less_than_one_step(shape, tile, spread, centre, holes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lse = centre + spread * torch.randn(shape, generator=gen)
+    hole = torch.rand(shape, generator=gen)
+    lse[hole < holes / 2] = math.nan  # no previous call
+    lse[(hole >= holes / 2) & (hole < holes)] = -math.inf  # a row that read nothing
+    check_lse_codes(lse, tile)
+
+
+def test_state_lse_snapshot_and_set_lse():
+    state = SkipState(1, 2, 70, 80, 32, 16, with_lse=True)
+    assert state.lse.shape == (1, 2, 70) and torch.isnan(state.lse).all()
+    lse = 10 + torch.randn(1, 2, 70, generator=torch.Generator().manual_seed(0))
+    state.set_lse(lse)
+    expected = decode_lse(*encode_lse(lse, 32), 32)
+    assert torch.equal(state.lse, expected) and (state.lse <= lse).all()
+    snapshot = state.lse
+    snapshot.fill_(0.0)  # a snapshot: the state is untouched
+    assert torch.equal(state.lse, expected)
+    state.read_everything()  # re-admission keeps the LSE
+    assert torch.equal(state.lse, expected)
+    for bad in (lse.double(), lse[..., :69], "lse"):
+        with pytest.raises(ValueError, match=r"set_lse takes a float32 tensor of shape \(1, 2, 70\)"):
+            state.set_lse(bad)
+    with pytest.raises(ValueError, match="with_lse=True"):
+        SkipState(1, 2, 70, 80, 32, 16).set_lse(lse)
 
 
 def test_check_rejects_bad_lists():

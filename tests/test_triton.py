@@ -14,6 +14,7 @@ import torch
 
 from liteattn import LiteAttention, SkipList, lite_attention
 from liteattn.backends import triton_available
+from liteattn.state import decode_lse, encode_lse
 from liteattn.testing import StructuredSequence
 
 from lists import ListPair
@@ -105,14 +106,44 @@ def test_kernel_on_a_skip_state_matches_the_oracle(Sq, Sk, tile, H, criterion):
     state = SkipState(1, H, Sq, Sk, tile, tile, device=DEVICE, with_lse=criterion == "mass")
     for q, k, v in StructuredSequence(3, 1, Sq, H, 32, seq_k=Sk, dtype=torch.float16, device=DEVICE, seed=Sk):
         read = state.to_dense().clone()
-        lse_prev = None if state.lse is None else state.lse.clone()
+        lse_prev = state.lse  # None, or decoded from the state's codes: what the kernel measures against
         out, lse = lite_attention(q, k, v, state=state, threshold=-5.0, criterion=criterion, return_lse=True,
                                   backend="triton")
         assert torch.equal(state.counts, read.sum(-1, dtype=torch.int32))
         written = state.to_dense()
         check_call(q, k, v, read, out, lse, written, threshold=-5.0, tile_q=tile, tile_k=tile, criterion=criterion,
                    lse_prev=lse_prev)
+        if state.lse is not None:  # this call's LSE, rounded down to 8 bits a row
+            assert torch.equal(state.lse, decode_lse(*encode_lse(lse, tile), tile))
     assert state.sparsity() > 0.0
+
+
+@pytest.mark.parametrize("S,gain,threshold", [(256, 1.0, -1.5), (384, 1.5, -1.0)])
+def test_kernel_rounded_down_lse_keeps_a_superset_of_the_exact_lses_tiles(S, gain, threshold):
+    """The kernel on a SkipState whose previous LSE is rounded down to 8 bits per row keeps every tile that the
+    exact float32 LSE keeps (the stateless ``lse_state=``), on the same inputs and read list, and what the oracle
+    keeps given the rounded LSE. Random scores: tile shares near the threshold, so that an LSE rounded the wrong
+    way (0.1 above) drops tiles here."""
+    from liteattn import SkipState
+
+    gen = torch.Generator().manual_seed(S)
+    first = [torch.randn(1, S, 2, 32, generator=gen) * g for g in (gain, gain, 1.0)]
+    second = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in first]
+    (q0, k0, v0), (q, k, v) = ([x.to(DEVICE, torch.float16) for x in xs] for xs in (first, second))
+    _, exact = lite_attention(q0, k0, v0, return_lse=True, backend="triton", tile_q=64, tile_k=64)
+    write = poisoned_write(SkipList.full(1, 2, S, S, 64, 64, DEVICE))
+    lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
+                   backend="triton")
+    state = SkipState(1, 2, S, S, 64, 64, device=DEVICE, with_lse=True)
+    state.set_lse(exact)
+    rounded = state.lse
+    assert (rounded <= exact).all() and (rounded < exact).any()
+    out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="triton")
+    kept, kept_exact = state.to_dense(), write.to_dense()
+    assert not (kept_exact & ~kept).any(), "the rounded LSE dropped a tile"
+    assert (kept & ~kept_exact).any()  # conservative, and measurably so here
+    check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=64, tile_k=64, criterion="mass",
+               lse_prev=rounded)
 
 
 def test_kernel_must_do_and_dense_modes():
