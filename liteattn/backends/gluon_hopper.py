@@ -1,7 +1,10 @@
 """Kernel v2 for Hopper (issue 12), in Gluon: work in progress, not registered as a backend, used by no path.
 
-Status (2026-11-28): written and compile-checked on the CPU for sm_90 (tests/test_gluon_hopper.py builds the cubin
-with ptxas); **not yet run on a GPU**. bench/NOTES.md ("Where the dense core's time goes") says why it exists and
+Status (2026-11-28): compile-checked on the CPU for sm_90 (tests/test_gluon_hopper.py builds the cubin with ptxas),
+and **correct on its first GPU run** (H200, `bench/gluon_check.py`): dense against float64 SDPA (D 64 and 128,
+fp16 and bf16, ragged lengths, Sq != Sk) and over random read lists against the Triton kernel (bit-identical at
+D=128, within bf16 rounding at D=64). **Its speed is not measured yet**: the call's time budget ran out while it
+was timed. bench/NOTES.md ("Where the dense core's time goes") says why it exists and
 what each step should recover. This first version is step 1 of that plan:
 
 - one CTA per (128-row q-tile, batch*head), 12 warps in three partitions:
