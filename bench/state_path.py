@@ -13,7 +13,8 @@ back into bits. For each shape and sparsity this script times, on the same input
 - ``lists read+write``: the old state path (``liteattn-read+write``);
 - ``state read+write`` (bitmask trees only): the new state path.
 
-The writing calls use threshold -100 with the max rule: every read tile is kept, so the written set equals the
+The writing calls use threshold -100 with the max rule (``--criterion mass``: the mass rule, with the previous LSE
+as a float32 ``lse_state`` beside the lists and as the state's own compact LSE): every read tile is kept, so the written set equals the
 read set and the state does not drift between timed calls (checked after timing), while the kernel still
 evaluates the rule and writes every flag. Medians of CUDA-event timings (``liteattn.bench._time``).
 """
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="wan2.1-1.3b-480p,wan2.1-14b-720p")
     p.add_argument("--sparsities", default="0,0.5,0.9")
+    p.add_argument("--criterion", default="max", choices=["max", "mass"],
+                   help="the keep rule of the writing calls; 'mass' also reads and writes the previous LSE (a float32 "
+                        "lse_state beside the lists; the state's own compact LSE)")
     p.add_argument("--label", default="")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
@@ -63,22 +67,27 @@ def main(argv=None) -> int:
         for s in (float(x) for x in args.sparsities.split(",")):
             read = random_lists(B, H, S, 128, s, 0, device)
             write = SkipList(torch.empty_like(read.kv_indices), torch.empty_like(read.kv_counts), 128, 128, S, S)
-            row = dict(tree=label, commit=commit, shape=name, B=B, H=H, S=S, D=D, sparsity=s)
+            row = dict(tree=label, commit=commit, shape=name, B=B, H=H, S=S, D=D, sparsity=s, criterion=args.criterion)
+            mass = args.criterion == "mass"
+            lse = torch.full((B, H, S), float("nan"), device=device) if mass else None
+            extra = dict(criterion="mass", lse_state=lse) if mass else {}
             row["lists_read"] = _time(lambda: lite_attention(q, k, v, read=read, backend="triton"))
             row["lists_read_write"] = _time(lambda: lite_attention(q, k, v, read=read, write=write,
-                                                                   threshold=THRESHOLD, backend="triton"))
+                                                                   threshold=THRESHOLD, backend="triton", **extra))
             if not torch.equal(write.to_dense(), read.to_dense()):
                 raise SystemExit(f"{name} s={s}: the written list differs from the read one at threshold {THRESHOLD}")
             if has_state:
-                state = SkipState(B, H, S, S, 128, 128, device=device)
+                state = SkipState(B, H, S, S, 128, 128, device=device, with_lse=mass)
                 state.set_read(read.to_dense())
                 row["state_bytes"] = state.nbytes
                 row["state_read_write"] = _time(lambda: lite_attention(q, k, v, state=state, threshold=THRESHOLD,
-                                                                       backend="triton"))
+                                                                       backend="triton",
+                                                                       **({"criterion": "mass"} if mass else {})))
                 if not torch.equal(state.to_dense(), read.to_dense()):
                     raise SystemExit(f"{name} s={s}: the state drifted while timed")
                 del state
-            row["lists_bytes"] = 2 * (read.kv_indices.numel() + read.kv_counts.numel()) * 4
+            row["lists_bytes"] = 2 * (read.kv_indices.numel() + read.kv_counts.numel()) * 4 + (lse.numel() * 4 if mass
+                                                                                                 else 0)
             rows.append(row)
             print(f"  {name:18s} s={s:<4} lists read {row['lists_read']:8.3f} ms, lists read+write "
                   f"{row['lists_read_write']:8.3f} ms" + (f", state read+write {row['state_read_write']:8.3f} ms"
