@@ -13,6 +13,7 @@
 # liteattn/demo/train.py: --qk-norm-init, --local-init); HEADS_PER_LAYER=8 makes a fresh run's layers 8 heads x 32
 # instead of 4 x 64 (--heads; a resume keeps the checkpoint's; not HEADS, which asks for the per-head table); FRAMES, SIZE
 # and REGIONS (textured ground regions per clip, liteattn/demo/textured.py) change the data, also on a resume.
+# SHAPE_WEIGHT=W weights the loss on the shapes' pixels W times the ground's (--shape-weight; kept on resume).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/liteattn_out}; mkdir -p "$OUT"
@@ -26,6 +27,7 @@ train() {  # train SECONDS OUT [RESUME] [extra args]
         ${FRAMES:+--frames $FRAMES} ${SIZE:+--size $SIZE} ${REGIONS:+--regions $REGIONS} --time-limit "$seconds" \
         --planned-seconds "${PLANNED_SECONDS:-3600}" --batch "${BATCH:-12}" --lr "${LR:-3e-4}" \
         ${TEXT_LR_MULT:+--text-lr-mult $TEXT_LR_MULT} ${QK_NORM_LR_MULT:+--qk-norm-lr-mult $QK_NORM_LR_MULT} \
+        ${SHAPE_WEIGHT:+--shape-weight $SHAPE_WEIGHT} \
         --warmup 100 --log-every 50 "$@" 2>&1 | grep -v "Warn\|rms_norm"
 }
 {

@@ -293,3 +293,59 @@ def test_sample_gif_reference_row_has_the_models_clip_shape(tmp_path):
     assert len(frames) == 6 and frames[0].shape[:2] == (2 * 16, 16)  # samples above data, one prompt wide
     still = imageio.imread(str(path).rsplit(".", 1)[0] + ".png")
     assert still.shape[:2] == (4 * 2 * 16 * 2, 16 * 2)  # four frames, each doubled in size
+
+
+def test_render_cover_marks_the_shapes_and_leaves_the_video_unchanged():
+    scenes = textured.sample_scenes(3, seed=5, size=32, regions=2)
+    plain = textured.render(scenes, frames=3, size=32)
+    video, cover = textured.render(scenes, frames=3, size=32, with_cover=True)
+    assert torch.equal(video, plain) and cover.shape == (3, 3, 32, 32)
+    assert 0 <= cover.min() and cover.max() <= 1 and (cover == 1).any() and (cover == 0).any()
+    # Where a shape covers a pixel fully, the pixel is the shape's colour (shaded): not the ground's.
+    bare = textured.render(textured.TexturedScenes(**{**scenes.__dict__, "shapes": scenes.shapes.__class__(
+        **{**scenes.shapes.__dict__, "active": torch.zeros_like(scenes.shapes.active)})}), frames=3, size=32)
+    full = cover == 1
+    assert ((video - bare).abs().amax(1)[full] > 0).float().mean() > 0.9
+    assert torch.equal(video.permute(0, 2, 3, 4, 1)[cover == 0], bare.permute(0, 2, 3, 4, 1)[cover == 0])
+
+
+def test_shape_weighted_loss_weights_the_shapes_pixels_and_keeps_its_scale():
+    from liteattn.demo import train
+
+    model = _tiny(positional=True)
+    dataset = model.dataset
+    plain = train.flow_matching_batch(2, 7, "cpu", dataset=dataset, frames=2, size=16)
+    weighted = train.flow_matching_batch(2, 7, "cpu", dataset=dataset, frames=2, size=16, shape_weight=5.0)
+    assert len(plain) == 4 and len(weighted) == 5
+    for a, b in zip(plain, weighted[:4]):
+        assert torch.equal(a, b)  # the same batch, plus its weight
+    weight = weighted[4]
+    assert weight.shape == (2, 1, 2, 16, 16) and weight.min() >= 1 and weight.max() <= 5
+    with pytest.raises(ValueError, match="textured"):
+        train.flow_matching_batch(2, 7, "cpu", shape_weight=5.0)
+    # Weighted MSE: uniform weights give the plain MSE; heavier shape pixels move the loss towards their error.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    x_t, t, tok, target = plain
+    err = target ** 2  # the error of a model that predicts zeros
+    fake = lambda *a: torch.zeros_like(x_t, requires_grad=True)  # noqa: E731
+    uniform = train._forward_backward(fake, opt, x_t, t, tok, target, torch.device("cpu"), torch.ones_like(weight))
+    assert torch.allclose(uniform, err.mean())
+    heavy = train._forward_backward(fake, opt, x_t, t, tok, target, torch.device("cpu"), weight)
+    expected = (weight * err).sum() / (weight.sum() * 3)
+    assert torch.allclose(heavy, expected) and not torch.allclose(heavy, err.mean())
+
+
+def test_shape_weight_option_is_kept_on_resume_and_refused_for_the_small_model(tmp_path):
+    from liteattn.demo import train
+
+    common = ["--frames", "2", "--size", "16", "--batch", "1", "--max-steps", "1", "--device", "cpu", "--warmup", "1"]
+    first = tmp_path / "a"
+    train.main(["--model", "large", "--init-from", "none", "--shape-weight", "4", "--out", str(first), *common])
+    saved = json.loads((first / "state.json").read_text())
+    assert saved["args"]["shape_weight"] == 4.0
+    second = tmp_path / "b"
+    train.main(["--resume", str(first), "--out", str(second), "--frames", "2", "--size", "16", "--batch", "1",
+                "--max-steps", "2", "--device", "cpu"])
+    assert json.loads((second / "state.json").read_text())["args"]["shape_weight"] == 4.0
+    with pytest.raises(SystemExit):
+        train.main(["--model", "small", "--shape-weight", "4", "--out", str(tmp_path / "c"), *common])

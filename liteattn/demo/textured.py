@@ -163,8 +163,11 @@ def _smooth_edge(signed: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     return (0.5 - signed / width).clamp(0.0, 1.0)
 
 
-def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
-    """The videos of ``scenes``, ``(N, 3, frames, size, size)`` float32 in [-1, 1], on ``scenes``' device."""
+def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE, *, with_cover: bool = False):
+    """The videos of ``scenes``, ``(N, 3, frames, size, size)`` float32 in [-1, 1], on ``scenes``' device.
+
+    ``with_cover``: also return how much of each pixel the shapes cover, ``(N, frames, size, size)`` in [0, 1] (the
+    largest anti-aliased coverage of any shape there), for a loss that weights the shapes' pixels."""
     device = scenes.palette.device
     n = len(scenes)
     col = lambda x: x.view(n, 1, 1, 1)  # (N,) -> (N, 1, 1, 1), broadcast over (T, H, W)
@@ -233,6 +236,7 @@ def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> to
     free = sh.start[:, :, None, :] + velocity[:, :, None, :] * tt[None, None, :, None]  # (N, S, T, 2)
     centre = data._bounce(free, radius[..., None], size - radius[..., None])  # (N, S, T, 2) in screen px
     rgb = data._COLOUR_RGB.to(device)[sh.colour]  # (N, S, 3)
+    covered = torch.zeros(n, frames, size, size, device=device) if with_cover else None
     for s in range(data.MAX_SHAPES):
         dx = pix.view(1, 1, 1, size) + size / 2 - centre[:, s, :, 0].view(n, frames, 1, 1)  # (N, T, 1, W)
         dy = pix.view(1, 1, size, 1) + size / 2 - centre[:, s, :, 1].view(n, frames, 1, 1)  # (N, T, H, 1)
@@ -256,4 +260,7 @@ def render(scenes: TexturedScenes, frames: int = FRAMES, size: int = SIZE) -> to
                                                                          ).sqrt().div(2 * r).clamp(max=1)
         colour = rgb[:, s].view(n, 3, 1, 1, 1) * (shade * (1 + 0.5 * light))[:, None]
         video = video * (1 - cover[:, None]) + colour * cover[:, None]
-    return video.clamp(0, 1) * 2 - 1
+        if with_cover:
+            covered = torch.maximum(covered, cover)
+    video = video.clamp(0, 1) * 2 - 1
+    return (video, covered) if with_cover else video

@@ -146,12 +146,17 @@ def export_weights(checkpoint, weights_path) -> None:
 
 
 def flow_matching_batch(batch: int, seed: int, device, shift: float = SHIFT, drop_prompt: float = 0.1,
-                        dataset=data, frames: Optional[int] = None, size: Optional[int] = None):
+                        dataset=data, frames: Optional[int] = None, size: Optional[int] = None,
+                        shape_weight: float = 1.0):
     """One training batch: ``(x_t, timestep, tokens, target)``, a deterministic function of ``seed``.
 
     ``dataset`` is the procedural data module (:mod:`~liteattn.demo.data` or :mod:`~liteattn.demo.textured`);
-    ``frames`` and ``size`` (textured data only) change its clip length and frame size.
+    ``frames`` and ``size`` (textured data only) change its clip length and frame size. ``shape_weight`` != 1
+    (textured data only) returns a fifth element, the per-pixel loss weight ``(N, 1, T, H, W)``: 1 on the ground,
+    ``shape_weight`` where a shape covers the pixel (blended at anti-aliased edges).
     """
+    if shape_weight != 1.0 and dataset is data:
+        raise ValueError("shape_weight is for the large model's textured data (it needs the shapes' coverage)")
     shape = {} if frames is None and size is None else dict(frames=frames or dataset.FRAMES, size=size or dataset.SIZE)
     scenes = dataset.sample_scenes(batch, seed, **({"size": shape["size"]} if shape else {}))
     tokens = scenes.tokens
@@ -159,10 +164,14 @@ def flow_matching_batch(batch: int, seed: int, device, shift: float = SHIFT, dro
     tokens[torch.rand(batch, generator=g) < drop_prompt] = 0
     u = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal
     sigma = shift * u / (1 + (shift - 1) * u)  # the scheduler's shift, so training covers what sampling visits
-    x0 = dataset.render(scenes.to(device), **shape)
+    if shape_weight != 1.0:
+        x0, cover = dataset.render(scenes.to(device), **shape, with_cover=True)
+    else:
+        x0 = dataset.render(scenes.to(device), **shape)
     noise = torch.randn(x0.shape, generator=torch.Generator(device=device).manual_seed(seed + 2), device=device)
     s = sigma.to(device).view(batch, 1, 1, 1, 1)
-    return (1 - s) * x0 + s * noise, sigma.to(device) * 1000, tokens.to(device), noise - x0
+    out = (1 - s) * x0 + s * noise, sigma.to(device) * 1000, tokens.to(device), noise - x0
+    return out if shape_weight == 1.0 else (*out, 1 + (shape_weight - 1) * cover[:, None])
 
 
 def _init_from(model: TinyWan, path) -> str:
@@ -234,10 +243,15 @@ def qk_norm_scale(model) -> List[List[float]]:
     return out
 
 
-def _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device) -> torch.Tensor:
+def _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device, weight=None) -> torch.Tensor:
+    """One step's loss and gradients: the mean squared error, or with ``weight`` (``(N, 1, T, H, W)``) the
+    weighted mean, sum(w e^2) / sum(w) over each channel's pixels (so the loss keeps its scale)."""
     with torch.autocast(device.type, dtype=torch.bfloat16):
         pred = forward(x_t, timestep, tokens)
-    loss = torch.nn.functional.mse_loss(pred.float(), target)
+    if weight is None:
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+    else:
+        loss = (weight * (pred.float() - target) ** 2).sum() / (weight.sum() * target.shape[1])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     return loss
@@ -276,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--qk-norm-lr-mult", type=float, default=None,
                    help="learning-rate multiplier for the self-attention q/k RMS-norm weights, the attention's "
                         "sharpness (default 1; a resumed run keeps its checkpoint's)")
+    p.add_argument("--shape-weight", type=float, default=None,
+                   help="large model: weight of the loss on the shapes' pixels against the ground's 1 (default 1; a "
+                        "resumed run keeps its checkpoint's). The ground's texture dominates an unweighted loss")
     p.add_argument("--local-init", type=float, default=None,
                    help="fresh runs: start all self-attention heads but the last of each layer as local, purely "
                         "positional (RoPE) heads at this qk scale (e.g. 2.25; sets the q/k norms, so it supersedes "
@@ -305,14 +322,19 @@ def main(argv=None) -> int:
     if args.resume:  # the checkpoint says which model it is, and which learning-rate multipliers it was trained with
         saved = json.loads((pathlib.Path(args.resume) / "state.json").read_text())
         args.model = "large" if saved.get("video", {}) and saved["video"].get("data") == "textured" else "small"
-        for key in ("text_lr_mult", "qk_norm_lr_mult"):
+        for key in ("text_lr_mult", "qk_norm_lr_mult", "shape_weight"):
             if getattr(args, key) is None:
                 setattr(args, key, saved.get("args", {}).get(key))
     args.text_lr_mult = 1.0 if args.text_lr_mult is None else args.text_lr_mult
+    args.shape_weight = 1.0 if args.shape_weight is None else args.shape_weight
+    if args.shape_weight <= 0:
+        p.error(f"--shape-weight must be positive, got {args.shape_weight}")
     args.qk_norm_lr_mult = 1.0 if args.qk_norm_lr_mult is None else args.qk_norm_lr_mult
     large = args.model == "large"
     if args.heads is not None and not large:
         p.error("--heads is for --model large")
+    if args.shape_weight != 1.0 and not large:
+        p.error("--shape-weight is for --model large (the small model's data has no textured ground to outweigh)")
     config, text, video = (large_config(args.heads or 4), TEXT_LARGE, dict(VIDEO_LARGE)) if large else (CONFIG, None, None)
     if args.resume:  # the checkpoint's own transformer (its head split) and prompt encoder
         config = saved.get("config") or config
@@ -382,16 +404,18 @@ def main(argv=None) -> int:
         lr *= min(1.0, (run_step + 1) / warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        x_t, timestep, tokens, target = flow_matching_batch(args.batch, args.seed * 10_000_019 + 3 * step, device,
-                                                            dataset=model.dataset, **shape)
+        x_t, timestep, tokens, target, *weight = flow_matching_batch(
+            args.batch, args.seed * 10_000_019 + 3 * step, device, dataset=model.dataset, shape_weight=args.shape_weight,
+            **shape)
+        weight = weight[0] if weight else None
         try:
-            loss = _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device)
+            loss = _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device, weight)
         except Exception as exc:  # a compiler failure (forward or backward) must not cost a whole device run
             if forward is model:
                 raise
             print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
             forward = model
-            loss = _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device)
+            loss = _forward_backward(forward, optimizer, x_t, timestep, tokens, target, device, weight)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         with torch.no_grad():  # EMA with a ramp, so that early checkpoints are usable too
