@@ -33,25 +33,27 @@ def check_correctness(log=print) -> bool:
         q, k, v = (x.to("cuda", dtype) for x in structured_qkv(B, Sq, H, D, seq_k=Sk, seed=B * 1000 + Sq + D))
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double()).transpose(1, 2)
-        out = gh.attention(q, k, v, out=torch.full_like(q, float("nan")))
-        torch.cuda.synchronize()
-        err = (out.double() - ref).abs().max().item()
         tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-        good = bool(torch.isfinite(out).all()) and err < tol
-        ok &= good
-        log(f"  dense B={B} H={H} Sq={Sq} Sk={Sk} D={D} {dtype}: max abs err vs float64 {err:.2e} "
-            f"(< {tol}) {'ok' if good else 'FAIL'}")
+        for variant, kw in (("step 1", {}), ("ping-pong", dict(pingpong=True, stages=3))):
+            out = gh.attention(q, k, v, out=torch.full_like(q, float("nan")), **kw)
+            torch.cuda.synchronize()
+            err = (out.double() - ref).abs().max().item()
+            good = bool(torch.isfinite(out).all()) and err < tol
+            ok &= good
+            log(f"  {variant} dense B={B} H={H} Sq={Sq} Sk={Sk} D={D} {dtype}: max abs err vs float64 {err:.2e} "
+                f"(< {tol}) {'ok' if good else 'FAIL'}")
         if Sq == Sk:
             for s in (0.5, 0.9):
                 read = random_lists(B, H, Sq, 128, s, 0, "cuda")
                 want = lite_attention(q, k, v, read=read, backend="triton")
-                got = gh.attention(q, k, v, read=read, out=torch.full_like(q, float("nan")))
-                torch.cuda.synchronize()
-                err = (got.float() - want.float()).abs().max().item()
-                good = bool(torch.isfinite(got).all()) and err < tol
-                ok &= good
-                log(f"  lists s={s} B={B} H={H} S={Sq} D={D}: max abs diff vs the Triton kernel {err:.2e} "
-                    f"{'ok' if good else 'FAIL'}")
+                for variant, kw in (("step 1", {}), ("ping-pong", dict(pingpong=True, stages=3))):
+                    got = gh.attention(q, k, v, read=read, out=torch.full_like(q, float("nan")), **kw)
+                    torch.cuda.synchronize()
+                    err = (got.float() - want.float()).abs().max().item()
+                    good = bool(torch.isfinite(got).all()) and err < tol
+                    ok &= good
+                    log(f"  {variant} lists s={s} B={B} H={H} S={Sq} D={D}: max abs diff vs the Triton kernel "
+                        f"{err:.2e} {'ok' if good else 'FAIL'}")
     return ok
 
 
@@ -81,11 +83,14 @@ def bench(shapes, log=print):
             cudnn = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))
         add(name, "cuDNN SDPA", "-", cudnn, cudnn)
         add(name, "triton (production)", "0 %", _time(lambda: lite_attention(q, k, v, backend="triton")), cudnn)
-        for stages in (2, 3) if D == 64 else (2,):
-            add(name, f"gluon v2 ({stages} stages)", "0 %", _time(lambda: gh.attention(q, k, v, stages=stages)), cudnn)
+        add(name, "gluon v2 step 1 (2 stages)", "0 %", _time(lambda: gh.attention(q, k, v)), cudnn)
+        add(name, "gluon v2 ping-pong (3 stages)", "0 %",
+            _time(lambda: gh.attention(q, k, v, pingpong=True, stages=3)), cudnn)
         for s in (0.5, 0.9):
             read = random_lists(B, H, S, 128, s, 0, "cuda")
-            add(name, "gluon v2", f"{s:.0%}", _time(lambda: gh.attention(q, k, v, read=read)), cudnn)
+            add(name, "gluon v2 step 1", f"{s:.0%}", _time(lambda: gh.attention(q, k, v, read=read)), cudnn)
+            add(name, "gluon v2 ping-pong", f"{s:.0%}",
+                _time(lambda: gh.attention(q, k, v, read=read, pingpong=True, stages=3)), cudnn)
             add(name, "triton (production)", f"{s:.0%}",
                 _time(lambda: lite_attention(q, k, v, read=read, backend="triton")), cudnn)
         del q, k, v, qt, kt, vt

@@ -15,8 +15,11 @@ what each step should recover. This first version is step 1 of that plan:
   Each runs the online softmax of ``liteattn/backends/triton_kernel.py`` (exp2, scale folded in, the ragged last
   k-tile masked) with asynchronous ``warpgroup_mma``: S = Q K^T from shared memory, then O += P V with P in
   registers. A consumer waits only on the ring's barriers. No CTA-wide barrier sits in the loop, so each
-  warpgroup's softmax can run while the other issues its GEMMs. Explicit ping-pong (step 2) and intra-warpgroup
-  overlap (step 3) are not in yet.
+  warpgroup's softmax can run while the other issues its GEMMs.
+- ``pingpong=True`` (steps 2 and 3, :func:`_consumer_pingpong`; compiled, **not yet run on a GPU**): the two
+  warpgroups take turns at the tensor cores through a pair of "turn" mbarriers, and each issues S_i = Q K_i^T
+  together with the lagged O += P_(i-1) V_(i-1) before it hands the turn over and runs its softmax. Three stages
+  (224 KB of shared memory at D=128).
 
 Not in yet: the write list (flags), the LSE outputs, the mass rule, must-do ranges. The launcher refuses those
 (ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
@@ -39,7 +42,7 @@ TILE_Q = 2 * ROWS_PER_CONSUMER.value
 def _producer(p, which: gl.constexpr):
     """1 warp: the K/V loads of the q-tile's k-tiles, in list order, into the ring."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty) = p
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -68,7 +71,7 @@ def _producer(p, which: gl.constexpr):
 def _consumer(p, which: gl.constexpr):
     """One warpgroup: rows ``which * 64 ... + 63`` of the q-tile, online softmax over the ring's k-tiles."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty) = p
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -132,8 +135,110 @@ def _consumer(p, which: gl.constexpr):
 
 
 @gluon.jit
+def _masked_scores(scores, j, seq_k, cols, BLOCK_N: gl.constexpr):
+    """The ragged last k-tile: columns past seq_k (the next batch's rows) get -inf."""
+    if (j + 1) * BLOCK_N > seq_k:
+        scores = gl.where(gl.expand_dims(j * BLOCK_N + cols < seq_k, 0), scores, float("-inf"))
+    return scores
+
+
+@gluon.jit
+def _consumer_pingpong(p, which: gl.constexpr):
+    """Steps 2 and 3 of bench/NOTES.md: as :func:`_consumer`, but the two warpgroups take turns at the tensor
+    cores and each overlaps its softmax with the other's GEMMs (FA3's ping-pong). Per k-tile ``i`` a warpgroup
+    waits for its turn, issues S_i = Q K_i^T and O += P_(i-1) V_(i-1) back to back, hands the turn over, waits
+    for both, releases stage ``i-1`` (its V was the last use), then runs the softmax of S_i and rescales O. The
+    P V product lags one k-tile (intra-warpgroup overlap), so a stage stays in use for two iterations: run it with
+    3 stages. Not yet run on a GPU."""
+    (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    M: gl.constexpr = ROWS_PER_CONSUMER
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
+    count = num_k_tiles
+    if read_cnt_ptr is not None:
+        count = gl.load(read_cnt_ptr + row)
+
+    q_half = q_smem.index(which)
+    mbarrier.wait(q_bar.index(which), 0)
+    if which == 0:  # warpgroup 0 takes the first turn
+        mbarrier.arrive(turn.index(0), count=1)
+
+    m_i = gl.full([M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
+    p_op = gl.zeros([M, BLOCK_N], v_desc.dtype, p_layout)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    if count > 0:  # k-tile 0: S only (there is no P V to lag yet)
+        j = 0
+        if read_idx_ptr is not None:
+            j = gl.load(read_idx_ptr + row * num_k_tiles)
+        mbarrier.wait(ready.index(0), 0)
+        mbarrier.wait(turn.index(which), 0)
+        scores = gl.zeros([M, BLOCK_N], gl.float32, s_layout)
+        scores = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), scores, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - which), count=1)
+        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
+        scores = _masked_scores(scores, j, seq_k, cols, BLOCK_N)
+        m_i = gl.max(scores, axis=1) * qk_scale
+        probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(probs, axis=1)
+        p_op = gl.convert_layout(probs.to(v_desc.dtype), p_layout)
+    for i in range(1, count):
+        j = i
+        if read_idx_ptr is not None:
+            j = gl.load(read_idx_ptr + row * num_k_tiles + i)
+        s = i % STAGES
+        prev = (i + STAGES - 1) % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        mbarrier.wait(turn.index(which), i & 1)
+        scores = gl.zeros([M, BLOCK_N], gl.float32, s_layout)
+        scores = warpgroup_mma(q_half, k_smem.index(s).permute((1, 0)), scores, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)  # O += P_(i-1) V_(i-1)
+        mbarrier.arrive(turn.index(1 - which), count=1)
+        scores, acc = warpgroup_mma_wait(num_outstanding=0, deps=(scores, acc))
+        mbarrier.arrive(empty.index(prev), count=1)  # K_(i-1) and V_(i-1) are done with
+        scores = _masked_scores(scores, j, seq_k, cols, BLOCK_N)
+        m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
+        probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(probs, axis=1)
+        m_i = m_new
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(probs.to(v_desc.dtype), p_layout)
+    if count > 0:  # the last tile's P V, and its stage back to the producer
+        last = (count - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(last), count=1)
+
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    rows = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_o)
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+            + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
+    gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
+
+
+@gluon.jit
 def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads,
-                 num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, STAGES: gl.constexpr):
+                 num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, STAGES: gl.constexpr,
+                 PINGPONG: gl.constexpr = False):
     M: gl.constexpr = ROWS_PER_CONSUMER
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -143,8 +248,10 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob,
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: whose GEMMs are next
     for c in gl.static_range(2):
         mbarrier.init(q_bar.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
@@ -159,12 +266,19 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob,
         tma.async_copy_global_to_shared(q_desc, [q_row + c * M, q_col], q_bar.index(c), q_smem.index(c))
 
     p = (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-         num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty)
-    gl.warp_specialize([
-        (_consumer, (p, 0)),
-        (_consumer, (p, 1)),
-        (_producer, (p, 0)),
-    ], [4, 1], [240, 24])
+         num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn)
+    if PINGPONG:
+        gl.warp_specialize([
+            (_consumer_pingpong, (p, 0)),
+            (_consumer_pingpong, (p, 1)),
+            (_producer, (p, 0)),
+        ], [4, 1], [240, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer, (p, 0)),
+            (_consumer, (p, 1)),
+            (_producer, (p, 0)),
+        ], [4, 1], [240, 24])
 
 
 def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
@@ -182,10 +296,11 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, scale=None, block_n: int = 128,
-              stages: int = 2, out=None) -> torch.Tensor:
+              stages: int = 2, pingpong: bool = False, out=None) -> torch.Tensor:
     """``out (B, Sq, H, D)`` of dense attention, or over a read list (``SkipList`` with 128-row q-tiles and
     ``block_n``-wide k-tiles). CUDA, sm_90, fp16/bf16, contiguous (B, S, H, D), D = V's D in {64, 128}. ``out``:
-    a contiguous buffer like ``q`` to write into (checks poison it first)."""
+    a contiguous buffer like ``q`` to write into (checks poison it first). ``pingpong``: the consumers of
+    :func:`_consumer_pingpong` (steps 2-3; use ``stages=3``)."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         raise ValueError("the Gluon kernel runs on Hopper (sm_90) CUDA devices only")
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
@@ -214,5 +329,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, s
     scale = D ** -0.5 if scale is None else scale
     _attn_fwd_ws[(num_q_tiles, B * H)](
         q_desc, k_desc, v_desc, out, out.stride(1), out.stride(2), out.stride(0), Sq, Sk, H, num_q_tiles,
-        num_k_tiles, scale * 1.4426950408889634, idx, cnt, STAGES=stages, num_warps=4, maxnreg=168)
+        num_k_tiles, scale * 1.4426950408889634, idx, cnt, STAGES=stages, PINGPONG=bool(pingpong), num_warps=4,
+        maxnreg=168)
     return out
+
+
+def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = False, stages: int = None):
+    """Compile the kernel for sm_90 without a GPU (Triton's own ptxas), for checks and register/shared-memory
+    reports: returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.metadata.shared``). Triton's interpreter must be
+    off in this process (``TRITON_INTERPRET`` unset when triton was imported), or Gluon cannot call Triton's
+    standard functions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    x = torch.zeros(1, 256, 2, head_dim, dtype=torch.bfloat16)
+    q_desc, k_desc, v_desc = descriptors(x, x, x, 128)
+    signature = {"q_desc": mangle_type(q_desc), "k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc),
+                 "o_ptr": "*bf16", "stride_os": "i32", "stride_oh": "i32", "stride_ob": "i32", "seq_q": "i32",
+                 "seq_k": "i32", "num_heads": "i32", "num_q_tiles": "i32", "num_k_tiles": "i32", "qk_scale": "fp32",
+                 "read_idx_ptr": "*i32" if lists else "constexpr", "read_cnt_ptr": "*i32" if lists else "constexpr",
+                 "STAGES": "constexpr", "PINGPONG": "constexpr"}
+    constants = {"STAGES": stages or (3 if pingpong else 2), "PINGPONG": bool(pingpong)}
+    if not lists:
+        constants.update(read_idx_ptr=None, read_cnt_ptr=None)
+    source = GluonASTSource(_attn_fwd_ws, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
