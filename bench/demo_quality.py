@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import statistics
 import sys
 import time
@@ -43,7 +44,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--weights", default=None)
+    p.add_argument("--weights", default=None, help="weights file (default: the shipped small model)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a training checkpoint folder instead (its EMA weights; the large model's runs)")
+    p.add_argument("--criterion", default=None, choices=["max", "mass"],
+                   help="keep rule (default: the demo's, max)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
@@ -53,12 +58,22 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = load_model(args.weights, device=device, dtype=dtype)
+    if args.checkpoint:
+        if args.weights:
+            raise SystemExit("demo_quality.py: give --weights or --checkpoint, not both")
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from attention_sparsity import load  # the training checkpoint's EMA model, as the sparsity script loads it
+
+        model, _ = load(None, args.checkpoint, device, dtype)
+    else:
+        model = load_model(args.weights, device=device, dtype=dtype)
+    frames, size = getattr(model, "video_shape", (data.FRAMES, data.SIZE))
+    enable_kwargs = {"criterion": args.criterion} if args.criterion else {}
     prompts = data.sample_scenes(args.num_prompts, seed=args.prompt_seed).prompts()
     thresholds = [float(t) for t in args.thresholds.split(",")]
     start = time.perf_counter()
     result = compare(model, prompts, thresholds, steps=args.steps, seed=args.seed, warmup=device.type == "cuda",
-                     tile_q=args.tile, tile_k=args.tile)
+                     tile_q=args.tile, tile_k=args.tile, **enable_kwargs)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     dense = result["dense"]
     rows = []
@@ -74,7 +89,8 @@ def main(argv=None) -> int:
             ssim=run["ssim"],
             sparsity_per_step=run["stats"]["sparsity"],
         ))
-    print(f"\n{len(prompts)} prompts x {args.steps} steps, guidance 4, batch {len(prompts)}, tile {args.tile}, "
+    print(f"\n{args.checkpoint or args.weights or 'tiny_wan'}: {frames}x{size}x{size}, rule "
+          f"{args.criterion or 'max'}; {len(prompts)} prompts x {args.steps} steps, guidance 4, batch {len(prompts)}, tile {args.tile}, "
           f"{card} {str(dtype).replace('torch.', '')}; dense: self-attention {dense['attention_seconds']:.3f} s, "
           f"total {dense['total_seconds']:.3f} s ({time.perf_counter() - start:.0f} s for the whole table)\n")
     print("| threshold | sparsity (mean / last step) | PSNR dB (mean / min) | SSIM (mean / min) | "
@@ -87,6 +103,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=card, dtype=str(dtype), steps=args.steps, prompts=prompts, tile=args.tile,
+                           source=args.checkpoint or args.weights, frames=frames, size=size,
+                           criterion=args.criterion or "max",
                            dense=dict(attention_seconds=dense["attention_seconds"],
                                       total_seconds=dense["total_seconds"]), rows=rows), f, indent=1)
     return 0
