@@ -122,7 +122,7 @@ def _check_list(name: str, lst, q, k, tile_q: int, tile_k: int) -> None:
 
 @torch.library.custom_op("liteattn::attention_fwd",
                          mutates_args=("read_counts", "write_indices", "write_counts", "bits", "lse_state",
-                                       "lse_codes", "lse_base"))
+                                       "lse_codes", "lse_base", "lse_shift"))
 @_plain_function
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,7 +131,7 @@ def _attention_fwd(
     must_do_k: Optional[torch.Tensor], must_do_q: Optional[torch.Tensor],
     threshold: Optional[torch.Tensor], criterion: str, lse_state: Optional[torch.Tensor],
     bits: Optional[torch.Tensor], lse_codes: Optional[torch.Tensor], lse_base: Optional[torch.Tensor],
-    scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
+    lse_shift: Optional[torch.Tensor], scale: float, tile_q: int, tile_k: int, return_lse: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op torch.compile sees: inputs validated, backend chosen. lse is empty unless return_lse.
 
@@ -140,16 +140,16 @@ def _attention_fwd(
     With ``bits`` (a SkipState's bitmask; ``read_indices`` and ``write_indices`` then None): the read list is
     expanded from it into a transient compact list and ``read_counts``, the kept tiles are flagged in transient
     flags and packed back into ``bits``. The transient buffers come from (and go back to) PyTorch's caching
-    allocator, so consecutive layers reuse one block: no persistent workspace. With ``lse_codes`` and ``lse_base``
-    (a SkipState's compressed LSE; ``lse_state`` then None) the previous LSE is decoded into a transient
-    ``lse_state`` and this call's is encoded back into them (:func:`liteattn.state.encode_lse`).
+    allocator, so consecutive layers reuse one block: no persistent workspace. With ``lse_codes``, ``lse_base`` and
+    ``lse_shift`` (a SkipState's compressed LSE; ``lse_state`` then None) the previous LSE is decoded into a
+    transient ``lse_state`` and this call's is encoded back into them (:func:`liteattn.state.encode_lse`).
     """
     if backend == "sdpa":  # plain attention (no lists, no decision, no LSE): PyTorch's fastest
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                v.transpose(1, 2), scale=scale).transpose(1, 2)
         return out.contiguous(), q.new_empty(0, dtype=torch.float32)
     if lse_codes is not None:  # a transient float32 copy, rounded down: never above the exact previous LSE
-        lse_state = decode_lse(lse_codes, lse_base, tile_q)
+        lse_state = decode_lse(lse_codes, lse_base, lse_shift, tile_q)
     if backend == "triton" and bits is not None:
         shape = (*bits.shape[:3], -(-k.shape[1] // tile_k))  # (B, H, Mq, Nk)
         read_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
@@ -178,7 +178,7 @@ def _attention_fwd(
         elif keep is not None:
             compact_from_dense(keep, write_indices, write_counts)
     if lse_codes is not None:  # lse_state now holds this call's LSE
-        encode_lse(lse_state, tile_q, lse_codes, lse_base)
+        encode_lse(lse_state, tile_q, lse_codes, lse_base, lse_shift)
     return out, (lse if lse is not None else q.new_empty(0, dtype=torch.float32))
 
 
@@ -188,7 +188,7 @@ _RETURN_LSE = -2  # where a plan (the op's arguments after q, k, v) holds return
 
 @_attention_fwd.register_fake
 def _(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q, threshold, criterion,
-      lse_state, bits, lse_codes, lse_base, scale, tile_q, tile_k, return_lse, backend):
+      lse_state, bits, lse_codes, lse_base, lse_shift, scale, tile_q, tile_k, return_lse, backend):
     B, Sq, H, _ = q.shape
     out = q.new_empty(B, Sq, H, v.shape[-1])
     lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -243,7 +243,7 @@ def lite_attention(
         write: the :class:`SkipList` to fill with the kept tiles of ``read``; ``None`` decides nothing.
         state: a :class:`liteattn.SkipState` instead of ``read`` and ``write``: the call reads the tiles it marks
             and leaves it marking the tiles kept (and, for the mass rule, holding this call's LSE, rounded down to
-            8 bits per row: ``state.lse``).
+            8 bits per row and a step per q-tile: ``state.lse``).
         threshold: log2 units, ``<= 0``; ``-inf`` keeps everything. A float, or a 0-d float32 tensor on the
             inputs' device that the kernel reads at run time (its value is not checked here).
         criterion: the keep rule (:mod:`liteattn.criteria`): ``"max"`` keeps a tile that raises some row's
@@ -311,7 +311,8 @@ def plan_call(q, k, v, *, read=None, write=None, state=None, threshold=-10.0, cr
     decides = write is not None or state is not None
     return (*lists, must_do_k_tiles, must_do_q_tiles, threshold if decides else None, criterion, lse_state,
             None if state is None else state.bits, None if state is None else state.lse_codes,
-            None if state is None else state.lse_base, scale, tile_q, tile_k, bool(return_lse), name)
+            None if state is None else state.lse_base, None if state is None else state.lse_shift, scale, tile_q,
+            tile_k, bool(return_lse), name)
 
 
 def run_plan(q, k, v, plan: tuple):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from liteattn import SkipList, SkipState, lite_attention
-from liteattn.state import decode_lse, encode_lse
+from liteattn.state import decode_lse, encode_lse, lse_step
 from liteattn.testing import StructuredSequence, structured_qkv
 from lists import ListPair
 from oracle import check_call, fresh_read, max_err, oracle_attention, overlapping_tiles
@@ -353,9 +353,9 @@ def test_skip_state_path_matches_the_oracle(criterion):
 
     seq = StructuredSequence(4, batch=2, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0), seed=4)
     state = SkipState(2, 2, 300, 300, tile_q=32, tile_k=64, must_skip=[(0, 64)], with_lse=criterion == "mass")
-    # bits, counts, and with the LSE one uint8 code per row and one float32 base per q-tile
-    assert state.nbytes == 2 * 2 * 10 * 1 * 4 + 2 * 2 * 10 * 4 + (2 * 2 * 300 + 2 * 2 * 10 * 4 if criterion == "mass"
-                                                                  else 0)
+    # bits, counts, and with the LSE one uint8 code per row, one float32 base and one uint8 shift per q-tile
+    assert state.nbytes == 2 * 2 * 10 * 1 * 4 + 2 * 2 * 10 * 4 + (2 * 2 * 300 + 2 * 2 * 10 * (4 + 1)
+                                                                  if criterion == "mass" else 0)
     reads = []
     for n, (q, k, v) in enumerate(seq):
         read = state.to_dense().clone()
@@ -379,8 +379,9 @@ def test_skip_state_path_matches_the_oracle(criterion):
 
 def two_calls(inputs: str, dtype=torch.float32):
     """Two consecutive calls' (q, k, v), (1, S, 2, 32). ``structured``: positional attention, whose rows' LSEs
-    spread over more than 254 steps within a q-tile (many rows clamped); ``random``: random scores, every row within
-    a few steps of its tile's minimum and tile shares near 2^-1.5 (decisions close to these thresholds)."""
+    spread over more than 254 unit steps within most q-tiles (steps 2 to 8 times the unit; without a per-tile step
+    35% of the rows were clamped); ``random``: random scores, every row within a few steps of its tile's minimum
+    (the unit step) and tile shares near 2^-1.5 (decisions close to these thresholds)."""
     if inputs == "structured":
         return 300, 32, (-4.0, -6.0, -8.0, -10.0), list(StructuredSequence(
             2, batch=1, seq_q=300, heads=2, head_dim=32, drift=0.3, sharpness=(1.0, 3.0), dtype=dtype, seed=6))
@@ -415,3 +416,35 @@ def test_a_rounded_down_lse_keeps_a_superset_of_the_exact_lses_tiles(inputs):
         check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=tile, tile_k=tile, criterion="mass",
                    lse_prev=rounded)
     assert extra > 0  # conservative, and measurably so on these inputs
+
+
+def test_a_wide_spread_of_lses_in_a_q_tile_keeps_close_to_the_exact_lses_tiles():
+    """Positional inputs (512 tokens, 64-token tiles, sharpness (1, 3)) whose rows' LSEs spread over 42 to 58 nats
+    within each q-tile of one head, 126 to 175 of the other. Each q-tile's step grows to span it (2 to 8 unit
+    steps), so no row is clamped: the state keeps what the exact float32 LSE keeps, give or take a tile or two
+    (measured at thresholds -4, -6, -8, -10: 97, 108, 108, 108 of 128 against 95, 108, 108, 108), where the 8-bit
+    codes with one step for every tile clamped 60% of the rows, each to 22 nats above its tile's minimum, and kept
+    all 128 tiles at every threshold."""
+    seq_q, tile = 512, 64
+    (q0, k0, v0), (q, k, v) = StructuredSequence(2, batch=1, seq_q=seq_q, heads=2, head_dim=32, drift=0.3,
+                                                 sharpness=(1.0, 3.0), seed=0)
+    _, exact = lite_attention(q0, k0, v0, return_lse=True, backend="torch", tile_q=tile, tile_k=tile)
+    codes, base, shift = encode_lse(exact, tile)
+    assert (shift >= 1).all() and shift.max() == 3  # every tile spreads beyond 254 unit steps
+    rows_step = lse_step(shift)[..., torch.arange(seq_q) // tile]
+    for threshold in (-4.0, -6.0, -8.0, -10.0):
+        write = SkipList.full(1, 2, seq_q, seq_q, tile, tile)
+        poison(write)
+        lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
+                       backend="torch")
+        state = SkipState(1, 2, seq_q, seq_q, tile, tile, with_lse=True)
+        state.set_lse(exact)
+        rounded = state.lse
+        assert (rounded <= exact).all() and (exact - rounded < rows_step).all()  # no row clamped
+        out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="torch")
+        kept, kept_exact = state.to_dense(), write.to_dense()
+        assert not (kept_exact & ~kept).any(), f"threshold {threshold}: the rounded LSE dropped a tile"
+        assert int(kept.sum()) <= int(kept_exact.sum()) + 3 < kept.numel(), (threshold, int(kept.sum()),
+                                                                               int(kept_exact.sum()))
+        check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=tile, tile_k=tile, criterion="mass",
+                   lse_prev=rounded)

@@ -58,25 +58,34 @@ def test_no_graph_break_in_a_steady_state_call():
     assert explanation.graph_count == 1
 
 
-def test_lse_codes_trace_whole():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_lse_codes_trace_whole(backend):
     """The skip state's LSE encoder and decoder (liteattn/state.py) compile as one graph, with no host sync or
-    data-dependent Python, and give what they give eagerly (ragged last q-tile, NaN and -inf rows, a tile of NaN)."""
+    data-dependent Python, and give what they give eagerly, bit for bit (ragged last q-tile, NaN and -inf rows, a
+    tile of NaN, tiles whose spread needs a larger step: shifts 1 to 3 and a 1e6-nat one). Inductor on the CPU
+    once miscompiled the ragged rows of the per-tile broadcast (an expand-flatten-slice, now a gather)."""
     from liteattn.state import decode_lse, encode_lse
 
     lse = 20 + 6 * torch.randn(2, 3, 150, generator=torch.Generator().manual_seed(0))
     lse[0, 0, :64] = float("nan")
     lse[1, 2, 7] = -float("inf")
+    lse[0, 1, 64:128] = torch.linspace(-50.0, 50.0, 64)  # 100 nats: shift 3
+    lse[1, 0, 128:] = torch.linspace(0.0, 1e6, 22)  # the ragged tile: shift 16
+    lse[1, 1, :64] = torch.linspace(0.0, 30.0, 64)  # shift 1
 
-    def round_trip(lse, codes, base):
-        encode_lse(lse, 64, codes, base)
-        return decode_lse(codes, base, 64)
+    def round_trip(lse, codes, base, shift):
+        encode_lse(lse, 64, codes, base, shift)
+        return decode_lse(codes, base, shift, 64)
 
-    buffers = [(torch.full((2, 3, 150), 7, dtype=torch.uint8), torch.zeros(2, 3, 3)) for _ in range(2)]
-    got = torch.compile(round_trip, fullgraph=True, backend="aot_eager")(lse, *buffers[0])
+    buffers = [(torch.full((2, 3, 150), 7, dtype=torch.uint8), torch.zeros(2, 3, 3),
+                torch.full((2, 3, 3), 9, dtype=torch.uint8)) for _ in range(2)]
+    got = torch.compile(round_trip, fullgraph=True, backend=backend)(lse, *buffers[0])
     expected = round_trip(lse, *buffers[1])
     assert torch.allclose(got, expected, rtol=0, atol=0, equal_nan=True) and torch.isnan(got[0, 0, :64]).all()
-    assert torch.equal(buffers[0][0], buffers[1][0])
+    assert torch.equal(buffers[0][0], buffers[1][0]) and torch.equal(buffers[0][2], buffers[1][2])
     assert torch.allclose(buffers[0][1], buffers[1][1], rtol=0, atol=0, equal_nan=True)
+    assert buffers[1][2][0, 1, 1] == 3 and buffers[1][2][1, 0, 2] == 16 and buffers[1][2][1, 1, 0] == 1
+    assert buffers[1][2][0, 0, 0] == 0 and torch.isnan(buffers[1][1][0, 0, 0])  # the NaN tile
 
 
 @pytest.mark.parametrize("ranges, length, tile", [

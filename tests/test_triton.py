@@ -146,6 +146,38 @@ def test_kernel_rounded_down_lse_keeps_a_superset_of_the_exact_lses_tiles(S, gai
                lse_prev=rounded)
 
 
+def test_kernel_with_a_wide_spread_of_lses_in_a_q_tile_keeps_close_to_the_exact_lses_tiles():
+    """As tests/test_attention.py's test of that name, on the kernel (float16): positional inputs whose rows' LSEs
+    spread over 42 to 175 nats within a q-tile. Each q-tile's step grows to span it (no row clamped), and the state
+    keeps a superset of the exact LSE's tiles with at most 3 more per threshold (the codes with one step for every
+    tile kept all 128 at each)."""
+    from liteattn import SkipState
+    from liteattn.state import lse_step
+
+    seq_q, tile = 512, 64
+    (q0, k0, v0), (q, k, v) = StructuredSequence(2, batch=1, seq_q=seq_q, heads=2, head_dim=32, drift=0.3,
+                                                 sharpness=(1.0, 3.0), dtype=torch.float16, device=DEVICE, seed=0)
+    _, exact = lite_attention(q0, k0, v0, return_lse=True, backend="triton", tile_q=tile, tile_k=tile)
+    _, _, shift = encode_lse(exact, tile)
+    assert (shift >= 1).all()
+    rows_step = lse_step(shift)[..., torch.arange(seq_q, device=DEVICE) // tile]
+    for threshold in (-4.0, -8.0):
+        write = poisoned_write(SkipList.full(1, 2, seq_q, seq_q, tile, tile, DEVICE))
+        lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
+                       backend="triton")
+        state = SkipState(1, 2, seq_q, seq_q, tile, tile, device=DEVICE, with_lse=True)
+        state.set_lse(exact)
+        rounded = state.lse
+        assert (rounded <= exact).all() and (exact - rounded < rows_step).all()  # no row clamped
+        out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="triton")
+        kept, kept_exact = state.to_dense(), write.to_dense()
+        assert not (kept_exact & ~kept).any(), f"threshold {threshold}: the rounded LSE dropped a tile"
+        assert int(kept.sum()) <= int(kept_exact.sum()) + 3 < kept.numel(), (threshold, int(kept.sum()),
+                                                                               int(kept_exact.sum()))
+        check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=tile, tile_k=tile, criterion="mass",
+                   lse_prev=rounded)
+
+
 def test_kernel_must_do_and_dense_modes():
     run_steps(2, 1, 200, 2, 32, 64, 64, torch.float16, threshold=0.0, must_do=[(0, 10), (150, 160)],
               must_do_q=[(64, 70)])
