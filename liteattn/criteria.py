@@ -8,8 +8,9 @@ name here:
 - ``"max"`` (the reference implementation's rule, the default of ``LiteAttention``): keep tile j iff it raises some
   query row's running score maximum by more than ``threshold`` (log2 units).
 - ``"mass"``: keep tile j iff some query row puts more than ``2**threshold`` of its attention on it, measured
-  against that row's log-sum-exp in the previous call of the layer (kept in the ``SkipState``, rounded down to 1/8
-  of a log2 unit, which can only keep more); ``-10`` drops a tile when no row puts more than 1/1024 of its attention
+  against that row's log-sum-exp in the previous call of the layer (kept in the ``SkipState``, rounded down by less
+  than its q-tile's step: 1/8 of a log2 unit where the tile's LSEs lie within 22 nats, a power-of-two multiple
+  beyond; rounding down can only keep more); ``-10`` drops a tile when no row puts more than 1/1024 of its attention
   on it. A row with no previous call measures against this call's running log-sum-exp, which can only overstate a
   tile's share, so the first call of a run keeps more than later ones. The first processed tile of each q-tile is
   always kept, as with ``"max"``, so no list runs empty.
