@@ -26,7 +26,7 @@ def check_correctness(log=print) -> bool:
     from liteattn.bench import random_lists
     from liteattn.testing import structured_qkv
 
-    ok = True
+    ok = True  # "differ <= 2" below: a tile at the threshold's edge may fall either way in bf16
     cases = [(1, 2, 1000, 1000, 64, torch.bfloat16), (2, 3, 640, 640, 128, torch.float16),
              (1, 2, 1000, 777, 128, torch.bfloat16), (1, 1, 4096, 4096, 128, torch.bfloat16)]
     for B, H, Sq, Sk, D, dtype in cases:
@@ -54,6 +54,35 @@ def check_correctness(log=print) -> bool:
                     ok &= good
                     log(f"  {variant} lists s={s} B={B} H={H} S={Sq} D={D}: max abs diff vs the Triton kernel "
                         f"{err:.2e} {'ok' if good else 'FAIL'}")
+    # Write lists and LSEs (ping-pong consumers): against the Triton kernel on the same inputs, lists and threshold.
+    from liteattn.skip import SkipList
+
+    for criterion in ("max", "mass"):
+        B, H, S, D = 1, 4, 2000, 128
+        q, k, v = (x.to("cuda", torch.bfloat16) for x in structured_qkv(B, S, H, D, seed=7))
+        read = random_lists(B, H, S, 128, 0.3, 1, "cuda")
+        lists = [SkipList(torch.empty_like(read.kv_indices), torch.empty_like(read.kv_counts), 128, 128, S, S)
+                 for _ in range(2)]
+        lse_prev = None
+        if criterion == "mass":  # a previous call's LSE, as a skip state would hold it
+            lse_prev = lite_attention(q, k, v, read=read, backend="triton", return_lse=True)[1].contiguous()
+        states = [None if lse_prev is None else lse_prev.clone() for _ in range(2)]
+        want_out, want_lse = lite_attention(q, k, v, read=read, write=lists[0], threshold=-8.0, criterion=criterion,
+                                            lse_state=states[0], return_lse=True, backend="triton")
+        got_out, got_lse = gh.attention(q, k, v, read=read, write=lists[1], threshold=-8.0, criterion=criterion,
+                                        lse_state=states[1], return_lse=True, pingpong=True, stages=3,
+                                        out=torch.full_like(q, float("nan")))
+        torch.cuda.synchronize()
+        same_lists = torch.equal(lists[0].to_dense(), lists[1].to_dense())
+        differ = (lists[0].to_dense() != lists[1].to_dense()).sum().item()
+        lse_err = (got_lse - want_lse).abs().max().item()
+        out_err = (got_out.float() - want_out.float()).abs().max().item()
+        state_err = 0.0 if lse_prev is None else (states[1] - states[0]).abs().max().item()
+        good = differ <= 2 and lse_err < 1e-3 and out_err < 2e-2 and state_err < 1e-3
+        ok &= good
+        log(f"  ping-pong write list ({criterion}, threshold -8, read 70 %): kept {lists[1].to_dense().float().mean():.1%}"
+            f" of tiles, {'identical to' if same_lists else f'{differ} tiles differ from'} the Triton kernel's; "
+            f"lse max diff {lse_err:.1e}, out {out_err:.1e}, lse_state {state_err:.1e} {'ok' if good else 'FAIL'}")
     return ok
 
 

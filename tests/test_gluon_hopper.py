@@ -17,15 +17,18 @@ import torch
 pytest.importorskip("triton")
 gluon_hopper = pytest.importorskip("liteattn.backends.gluon_hopper")
 
-VARIANTS = [(128, False, False), (64, False, False), (128, True, False), (128, True, True), (64, False, True)]
+# (head_dim, read list, ping-pong, write list + keep rule: None / 0 "max" / 1 "mass" with the LSE in and out)
+VARIANTS = [(128, False, False, None), (64, False, False, None), (128, True, False, None), (128, True, True, None),
+            (64, False, True, None), (128, True, True, 0), (128, True, True, 1), (64, True, True, 1)]
 
 _SCRIPT = """
 import json, sys
 from liteattn.backends.gluon_hopper import compile_for_sm90
 out = {}
-for head_dim, lists, pingpong in json.loads(sys.argv[1]):
-    kernel = compile_for_sm90(head_dim, lists, pingpong)
-    out[f"{head_dim}-{lists}-{pingpong}"] = dict(ptx=kernel.asm["ptx"], shared=kernel.metadata.shared)
+for head_dim, lists, pingpong, rule in json.loads(sys.argv[1]):
+    kernel = compile_for_sm90(head_dim, lists, pingpong, write=rule is not None, criterion=rule or 0,
+                              lse=rule == 1)
+    out[f"{head_dim}-{lists}-{pingpong}-{rule}"] = dict(ptx=kernel.asm["ptx"], shared=kernel.metadata.shared)
 print(json.dumps(out))
 """
 
@@ -41,9 +44,9 @@ def compiled():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("head_dim, lists, pingpong", VARIANTS)
-def test_compiles_for_hopper_with_a_producer_and_two_independent_consumers(compiled, head_dim, lists, pingpong):
-    kernel = compiled[f"{head_dim}-{lists}-{pingpong}"]
+@pytest.mark.parametrize("head_dim, lists, pingpong, rule", VARIANTS)
+def test_compiles_for_hopper_with_a_producer_and_two_independent_consumers(compiled, head_dim, lists, pingpong, rule):
+    kernel = compiled[f"{head_dim}-{lists}-{pingpong}-{rule}"]
     ptx = kernel["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx  # async tensor-core MMAs, TMA loads
     # Registers move from the producer warp to the consumers (FA3's split): some warps give, some take.
@@ -57,6 +60,15 @@ def test_compiles_for_hopper_with_a_producer_and_two_independent_consumers(compi
     # Shared memory: Q (2 x 64 rows) and two (ping-pong: three) K/V stages of 128 rows, within Hopper's 227 KB.
     stages = 3 if pingpong else 2
     assert 2 * 64 * head_dim * 2 + stages * 2 * 128 * head_dim * 2 <= kernel["shared"] <= 227 * 1024
+    if rule is not None:  # the flags are plain global stores of each keeping row
+        assert "st.global" in ptx
+
+
+def test_the_keep_rule_and_the_write_list_change_the_code(compiled):
+    """The constexpr switches are live: without a write list no flag is stored, and the two rules compile apart."""
+    plain, max_rule, mass_rule = (compiled[f"128-True-True-{r}"]["ptx"] for r in (None, 0, 1))
+    assert len({plain, max_rule, mass_rule}) == 3
+    assert plain.count("st.global") < max_rule.count("st.global")
 
 
 def test_launcher_refuses_what_it_cannot_run():

@@ -21,8 +21,11 @@ what each step should recover. This first version is step 1 of that plan:
   together with the lagged O += P_(i-1) V_(i-1) before it hands the turn over and runs its softmax. Three stages
   (224 KB of shared memory at D=128).
 
-Not in yet: the write list (flags), the LSE outputs, the mass rule, must-do ranges. The launcher refuses those
-(ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
+The ping-pong consumers also write the next list (each row that keeps a tile sets its flag, as in the Triton
+kernel; the launcher zeroes the flags and compacts them with the Triton kernel's ``compact_flags``) under either
+keep rule, read and write the previous LSE (``lse_state``) and return the LSE: compiled, not yet run on a GPU
+(``bench/gluon_check.py`` compares them with the Triton kernel). Not in yet: must-do ranges, the bitmask state
+path. The launcher refuses what is missing (ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
 registry as the sm_90 path; the Triton kernel stays the portable one.
 """
 
@@ -42,7 +45,8 @@ TILE_Q = 2 * ROWS_PER_CONSUMER.value
 def _producer(p, which: gl.constexpr):
     """1 warp: the K/V loads of the q-tile's k-tiles, in list order, into the ring."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -71,7 +75,8 @@ def _producer(p, which: gl.constexpr):
 def _consumer(p, which: gl.constexpr):
     """One warpgroup: rows ``which * 64 ... + 63`` of the q-tile, online softmax over the ring's k-tiles."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -143,6 +148,20 @@ def _masked_scores(scores, j, seq_k, cols, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _keep_rows(tile_max, m_prev, tile_l, m_new, l_new, lse_prev, threshold, CRITERION: gl.constexpr):
+    """The keep rule per row, as ``triton_kernel._keep`` (docs/DESIGN.md section 4; log2 units): 0 "max", does the
+    tile raise the running max by more than ``threshold``; 1 "mass", does it hold more than 2**threshold of the
+    row's mass, against the previous call's LSE (NaN: this call's running one). A row's first tile is kept."""
+    if CRITERION == 0:
+        keep = ((tile_max - m_prev) > threshold) | (m_prev == float("-inf"))
+    else:
+        reference = gl.where(lse_prev == lse_prev, lse_prev, m_new + gl.log2(l_new))
+        mass = gl.maximum(gl.log2(tile_l) + m_new - reference, -3.0e38)
+        keep = (mass > threshold) | (m_prev == float("-inf"))
+    return keep
+
+
+@gluon.jit
 def _consumer_pingpong(p, which: gl.constexpr):
     """Steps 2 and 3 of bench/NOTES.md: as :func:`_consumer`, but the two warpgroups take turns at the tensor
     cores and each overlaps its softmax with the other's GEMMs (FA3's ping-pong). Per k-tile ``i`` a warpgroup
@@ -151,7 +170,8 @@ def _consumer_pingpong(p, which: gl.constexpr):
     P V product lags one k-tile (intra-warpgroup overlap), so a stage stays in use for two iterations: run it with
     3 stages. Not yet run on a GPU."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn) = p
+     num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -174,6 +194,16 @@ def _consumer_pingpong(p, which: gl.constexpr):
         count = gl.load(read_cnt_ptr + row)
 
     q_half = q_smem.index(which)
+    rows_s = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_s)
+    valid_s = rows_s < seq_q
+    threshold = 0.0
+    if flags_ptr is not None:
+        threshold = gl.load(threshold_ptr)
+    lse_prev = gl.full([M], float("nan"), gl.float32, row_s)
+    if lse_state_ptr is not None:  # the previous call's LSE of these rows (NaN: none), natural log -> log2 units
+        lse_prev = gl.load(lse_state_ptr + pid_bh.to(gl.int64) * seq_q + rows_s, mask=valid_s,
+                           other=float("nan")) * 1.4426950408889634
+    ones = gl.full([M], 1, gl.int32, row_s)
     mbarrier.wait(q_bar.index(which), 0)
     if which == 0:  # warpgroup 0 takes the first turn
         mbarrier.arrive(turn.index(0), count=1)
@@ -198,6 +228,8 @@ def _consumer_pingpong(p, which: gl.constexpr):
         probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(probs, axis=1)
         p_op = gl.convert_layout(probs.to(v_desc.dtype), p_layout)
+        if flags_ptr is not None:  # a row's first tile is always kept
+            gl.store(flags_ptr + row * num_k_tiles + j + gl.zeros([M], gl.int64, row_s), ones, mask=valid_s)
     for i in range(1, count):
         j = i
         if read_idx_ptr is not None:
@@ -213,10 +245,16 @@ def _consumer_pingpong(p, which: gl.constexpr):
         scores, acc = warpgroup_mma_wait(num_outstanding=0, deps=(scores, acc))
         mbarrier.arrive(empty.index(prev), count=1)  # K_(i-1) and V_(i-1) are done with
         scores = _masked_scores(scores, j, seq_k, cols, BLOCK_N)
-        m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
+        tile_max = gl.max(scores, axis=1) * qk_scale
+        m_new = gl.maximum(m_i, tile_max)
         probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(probs, axis=1)
+        tile_l = gl.sum(probs, axis=1)
+        l_new = l_i * alpha + tile_l
+        if flags_ptr is not None:  # each row that keeps the tile sets its flag: no cross-row reduction
+            keep = _keep_rows(tile_max, m_i, tile_l, m_new, l_new, lse_prev, threshold, CRITERION) & valid_s
+            gl.store(flags_ptr + row * num_k_tiles + j + gl.zeros([M], gl.int64, row_s), ones, mask=keep)
+        l_i = l_new
         m_i = m_new
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(probs.to(v_desc.dtype), p_layout)
@@ -233,12 +271,19 @@ def _consumer_pingpong(p, which: gl.constexpr):
     offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
             + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
     gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
+    if (lse_ptr is not None) or (lse_state_ptr is not None):
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log; -inf for empty rows
+        lse_offs = pid_bh.to(gl.int64) * seq_q + rows_s
+        if lse_ptr is not None:
+            gl.store(lse_ptr + lse_offs, lse, mask=valid_s)
+        if lse_state_ptr is not None:  # read above by this warpgroup only: overwriting it now is safe
+            gl.store(lse_state_ptr + lse_offs, lse, mask=valid_s)
 
 
 @gluon.jit
 def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads,
-                 num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr = False):
+                 num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, flags_ptr, threshold_ptr, lse_ptr,
+                 lse_state_ptr, STAGES: gl.constexpr, PINGPONG: gl.constexpr = False, CRITERION: gl.constexpr = 0):
     M: gl.constexpr = ROWS_PER_CONSUMER
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -266,7 +311,8 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob,
         tma.async_copy_global_to_shared(q_desc, [q_row + c * M, q_col], q_bar.index(c), q_smem.index(c))
 
     p = (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
-         num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn)
+         num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
+         flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION)
     if PINGPONG:
         gl.warp_specialize([
             (_consumer_pingpong, (p, 0)),
@@ -295,12 +341,18 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int)
     return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, scale=None, block_n: int = 128,
-              stages: int = 2, pingpong: bool = False, out=None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, write=None, *, threshold: float = -10.0,
+              criterion: str = "max", lse_state=None, return_lse: bool = False, scale=None, block_n: int = 128,
+              stages: int = 2, pingpong: bool = False, out=None):
     """``out (B, Sq, H, D)`` of dense attention, or over a read list (``SkipList`` with 128-row q-tiles and
     ``block_n``-wide k-tiles). CUDA, sm_90, fp16/bf16, contiguous (B, S, H, D), D = V's D in {64, 128}. ``out``:
     a contiguous buffer like ``q`` to write into (checks poison it first). ``pingpong``: the consumers of
-    :func:`_consumer_pingpong` (steps 2-3; use ``stages=3``)."""
+    :func:`_consumer_pingpong` (steps 2-3; use ``stages=3``).
+
+    With ``pingpong`` only (not yet run on a GPU): ``write`` (a ``SkipList`` of the read list's shape) receives the
+    tiles the keep rule ``criterion`` ("max" or "mass") keeps at ``threshold`` (flags, compacted by the Triton
+    kernel's ``compact_flags``); ``lse_state`` (float32 (B, H, Sq)) is read as the previous call's LSE and
+    overwritten with this call's; ``return_lse`` returns ``(out, lse)``."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         raise ValueError("the Gluon kernel runs on Hopper (sm_90) CUDA devices only")
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
@@ -321,6 +373,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, s
                              f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
                              f"{(B, H, num_q_tiles, num_k_tiles)}")
         idx, cnt = read.kv_indices, read.kv_counts
+    if (write is not None or lse_state is not None or return_lse) and not pingpong:
+        raise ValueError("write lists and LSEs are in the ping-pong consumers only: pass pingpong=True")
+    if criterion not in ("max", "mass"):
+        raise ValueError(f"criterion must be 'max' or 'mass', got {criterion!r}")
+    flags = thr = lse = None
+    if write is not None:
+        if (write.tile_q, write.tile_k) != (TILE_Q, block_n) or tuple(write.shape) != (B, H, num_q_tiles, num_k_tiles):
+            raise ValueError(f"write list of tiles ({write.tile_q}, {write.tile_k}) and shape {tuple(write.shape)}; "
+                             f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
+                             f"{(B, H, num_q_tiles, num_k_tiles)}")
+        flags = write.kv_indices
+        flags.zero_()  # both consumers set flags in one row: zeroed before the launch, not by a program
+        thr = torch.tensor(float(threshold), dtype=torch.float32, device=q.device)
+    if lse_state is not None and (lse_state.shape != (B, H, Sq) or lse_state.dtype != torch.float32
+                                  or not lse_state.is_contiguous() or lse_state.device != q.device):
+        raise ValueError(f"lse_state must be a contiguous float32 (B, H, Sq) = {(B, H, Sq)} tensor on {q.device}")
+    if return_lse:
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
@@ -329,12 +399,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, *, s
     scale = D ** -0.5 if scale is None else scale
     _attn_fwd_ws[(num_q_tiles, B * H)](
         q_desc, k_desc, v_desc, out, out.stride(1), out.stride(2), out.stride(0), Sq, Sk, H, num_q_tiles,
-        num_k_tiles, scale * 1.4426950408889634, idx, cnt, STAGES=stages, PINGPONG=bool(pingpong), num_warps=4,
-        maxnreg=168)
-    return out
+        num_k_tiles, scale * 1.4426950408889634, idx, cnt, flags, thr, lse, lse_state, STAGES=stages,
+        PINGPONG=bool(pingpong), CRITERION=0 if criterion == "max" else 1, num_warps=4, maxnreg=168)
+    if write is not None:
+        from .triton_kernel import compact_flags
+
+        compact_flags[(B * H * num_q_tiles,)](write.kv_indices, write.kv_counts, num_k_tiles,
+                                              NK_POW2=triton.next_power_of_2(num_k_tiles), num_warps=4)
+    return (out, lse) if return_lse else out
 
 
-def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = False, stages: int = None):
+def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = False, stages: int = None,
+                     write: bool = False, criterion: int = 0, lse: bool = False):
     """Compile the kernel for sm_90 without a GPU (Triton's own ptxas), for checks and register/shared-memory
     reports: returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.metadata.shared``). Triton's interpreter must be
     off in this process (``TRITON_INTERPRET`` unset when triton was imported), or Gluon cannot call Triton's
@@ -349,9 +425,13 @@ def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = 
                  "o_ptr": "*bf16", "stride_os": "i32", "stride_oh": "i32", "stride_ob": "i32", "seq_q": "i32",
                  "seq_k": "i32", "num_heads": "i32", "num_q_tiles": "i32", "num_k_tiles": "i32", "qk_scale": "fp32",
                  "read_idx_ptr": "*i32" if lists else "constexpr", "read_cnt_ptr": "*i32" if lists else "constexpr",
-                 "STAGES": "constexpr", "PINGPONG": "constexpr"}
-    constants = {"STAGES": stages or (3 if pingpong else 2), "PINGPONG": bool(pingpong)}
-    if not lists:
-        constants.update(read_idx_ptr=None, read_cnt_ptr=None)
+                 "flags_ptr": "*i32" if write else "constexpr", "threshold_ptr": "*fp32" if write else "constexpr",
+                 "lse_ptr": "*fp32" if lse else "constexpr", "lse_state_ptr": "*fp32" if lse else "constexpr",
+                 "STAGES": "constexpr", "PINGPONG": "constexpr", "CRITERION": "constexpr"}
+    constants = {"STAGES": stages or (3 if pingpong else 2), "PINGPONG": bool(pingpong), "CRITERION": criterion}
+    for name, given in (("read_idx_ptr", lists), ("read_cnt_ptr", lists), ("flags_ptr", write),
+                        ("threshold_ptr", write), ("lse_ptr", lse), ("lse_state_ptr", lse)):
+        if not given:
+            constants[name] = None
     source = GluonASTSource(_attn_fwd_ws, signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
