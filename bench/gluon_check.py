@@ -67,11 +67,16 @@ def check_correctness(log=print) -> bool:
         if criterion == "mass":  # a previous call's LSE, as a skip state would hold it
             lse_prev = lite_attention(q, k, v, read=read, backend="triton", return_lse=True)[1].contiguous()
         states = [None if lse_prev is None else lse_prev.clone() for _ in range(2)]
+        # The max rule's call also keeps must-do tiles: keys 0-127 (k-tile 0) and queries 256-383 (q-tile 2).
+        must = dict(must_do=[(0, 128)], must_do_q=[(256, 384)]) if criterion == "max" else {}
+        nt = -(-S // 128)
+        tiles = dict(must_do_k=torch.arange(nt, device="cuda") == 0, must_do_q=torch.arange(nt, device="cuda") == 2
+                     ) if must else {}
         want_out, want_lse = lite_attention(q, k, v, read=read, write=lists[0], threshold=-8.0, criterion=criterion,
-                                            lse_state=states[0], return_lse=True, backend="triton")
+                                            lse_state=states[0], return_lse=True, backend="triton", **must)
         got_out, got_lse = gh.attention(q, k, v, read=read, write=lists[1], threshold=-8.0, criterion=criterion,
                                         lse_state=states[1], return_lse=True, pingpong=True, stages=3,
-                                        out=torch.full_like(q, float("nan")))
+                                        out=torch.full_like(q, float("nan")), **tiles)
         torch.cuda.synchronize()
         same_lists = torch.equal(lists[0].to_dense(), lists[1].to_dense())
         differ = (lists[0].to_dense() != lists[1].to_dense()).sum().item()
@@ -80,7 +85,7 @@ def check_correctness(log=print) -> bool:
         state_err = 0.0 if lse_prev is None else (states[1] - states[0]).abs().max().item()
         good = differ <= 2 and lse_err < 1e-3 and out_err < 2e-2 and state_err < 1e-3
         ok &= good
-        log(f"  ping-pong write list ({criterion}, threshold -8, read 70 %): kept {lists[1].to_dense().float().mean():.1%}"
+        log(f"  ping-pong write list ({criterion}{', must-do tiles' if must else ''}, threshold -8, read 70 %): kept {lists[1].to_dense().float().mean():.1%}"
             f" of tiles, {'identical to' if same_lists else f'{differ} tiles differ from'} the Triton kernel's; "
             f"lse max diff {lse_err:.1e}, out {out_err:.1e}, lse_state {state_err:.1e} {'ok' if good else 'FAIL'}")
     return ok

@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("triton")
 gluon_hopper = pytest.importorskip("liteattn.backends.gluon_hopper")
 
-# (head_dim, read list, ping-pong, write list + keep rule: None / 0 "max" / 1 "mass" with the LSE in and out)
+# (head_dim, read list, ping-pong, write list + keep rule: None / 0 "max" / 1 "mass" with the LSE in and out and
+# must-do tiles)
 VARIANTS = [(128, False, False, None), (64, False, False, None), (128, True, False, None), (128, True, True, None),
             (64, False, True, None), (128, True, True, 0), (128, True, True, 1), (64, True, True, 1)]
 
@@ -27,7 +28,7 @@ from liteattn.backends.gluon_hopper import compile_for_sm90
 out = {}
 for head_dim, lists, pingpong, rule in json.loads(sys.argv[1]):
     kernel = compile_for_sm90(head_dim, lists, pingpong, write=rule is not None, criterion=rule or 0,
-                              lse=rule == 1)
+                              lse=rule == 1, must_do=rule == 1)
     out[f"{head_dim}-{lists}-{pingpong}-{rule}"] = dict(ptx=kernel.asm["ptx"], shared=kernel.metadata.shared)
 print(json.dumps(out))
 """

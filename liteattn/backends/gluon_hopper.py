@@ -24,8 +24,8 @@ what each step should recover. This first version is step 1 of that plan:
 The ping-pong consumers also write the next list (each row that keeps a tile sets its flag, as in the Triton
 kernel; the launcher zeroes the flags and compacts them with the Triton kernel's ``compact_flags``) under either
 keep rule, read and write the previous LSE (``lse_state``) and return the LSE: compiled, not yet run on a GPU
-(``bench/gluon_check.py`` compares them with the Triton kernel). Not in yet: must-do ranges, the bitmask state
-path. The launcher refuses what is missing (ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
+(``bench/gluon_check.py`` compares them with the Triton kernel), and keep must-do tiles (per k-tile and per
+q-tile masks). Not in yet: the bitmask state path. The launcher refuses what is missing (ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
 registry as the sm_90 path; the Triton kernel stays the portable one.
 """
 
@@ -46,7 +46,7 @@ def _producer(p, which: gl.constexpr):
     """1 warp: the K/V loads of the q-tile's k-tiles, in list order, into the ring."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
      num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
-     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, must_k_ptr, must_q_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -76,7 +76,7 @@ def _consumer(p, which: gl.constexpr):
     """One warpgroup: rows ``which * 64 ... + 63`` of the q-tile, online softmax over the ring's k-tiles."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
      num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
-     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, must_k_ptr, must_q_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -171,7 +171,7 @@ def _consumer_pingpong(p, which: gl.constexpr):
     3 stages. Not yet run on a GPU."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
      num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
-     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION) = p
+     flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, must_k_ptr, must_q_ptr, CRITERION) = p
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -204,6 +204,9 @@ def _consumer_pingpong(p, which: gl.constexpr):
         lse_prev = gl.load(lse_state_ptr + pid_bh.to(gl.int64) * seq_q + rows_s, mask=valid_s,
                            other=float("nan")) * 1.4426950408889634
     ones = gl.full([M], 1, gl.int32, row_s)
+    keep_all = False  # must-do queries: this q-tile keeps every tile it reads
+    if must_q_ptr is not None:
+        keep_all = gl.load(must_q_ptr + pid_m) != 0
     mbarrier.wait(q_bar.index(which), 0)
     if which == 0:  # warpgroup 0 takes the first turn
         mbarrier.arrive(turn.index(0), count=1)
@@ -253,7 +256,11 @@ def _consumer_pingpong(p, which: gl.constexpr):
         l_new = l_i * alpha + tile_l
         if flags_ptr is not None:  # each row that keeps the tile sets its flag: no cross-row reduction
             keep = _keep_rows(tile_max, m_i, tile_l, m_new, l_new, lse_prev, threshold, CRITERION) & valid_s
-            gl.store(flags_ptr + row * num_k_tiles + j + gl.zeros([M], gl.int64, row_s), ones, mask=keep)
+            must = keep_all
+            if must_k_ptr is not None:  # must-do keys: their tiles are always kept
+                must = must | (gl.load(must_k_ptr + j) != 0)
+            gl.store(flags_ptr + row * num_k_tiles + j + gl.zeros([M], gl.int64, row_s), ones,
+                     mask=keep | (valid_s & must))
         l_i = l_new
         m_i = m_new
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -283,7 +290,8 @@ def _consumer_pingpong(p, which: gl.constexpr):
 @gluon.jit
 def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads,
                  num_q_tiles, num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, flags_ptr, threshold_ptr, lse_ptr,
-                 lse_state_ptr, STAGES: gl.constexpr, PINGPONG: gl.constexpr = False, CRITERION: gl.constexpr = 0):
+                 lse_state_ptr, must_k_ptr, must_q_ptr, STAGES: gl.constexpr, PINGPONG: gl.constexpr = False,
+                 CRITERION: gl.constexpr = 0):
     M: gl.constexpr = ROWS_PER_CONSUMER
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -312,7 +320,7 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob,
 
     p = (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
          num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
-         flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, CRITERION)
+         flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, must_k_ptr, must_q_ptr, CRITERION)
     if PINGPONG:
         gl.warp_specialize([
             (_consumer_pingpong, (p, 0)),
@@ -342,8 +350,8 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, write=None, *, threshold: float = -10.0,
-              criterion: str = "max", lse_state=None, return_lse: bool = False, scale=None, block_n: int = 128,
-              stages: int = 2, pingpong: bool = False, out=None):
+              criterion: str = "max", lse_state=None, return_lse: bool = False, must_do_k=None, must_do_q=None,
+              scale=None, block_n: int = 128, stages: int = 2, pingpong: bool = False, out=None):
     """``out (B, Sq, H, D)`` of dense attention, or over a read list (``SkipList`` with 128-row q-tiles and
     ``block_n``-wide k-tiles). CUDA, sm_90, fp16/bf16, contiguous (B, S, H, D), D = V's D in {64, 128}. ``out``:
     a contiguous buffer like ``q`` to write into (checks poison it first). ``pingpong``: the consumers of
@@ -352,7 +360,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, writ
     With ``pingpong`` only (not yet run on a GPU): ``write`` (a ``SkipList`` of the read list's shape) receives the
     tiles the keep rule ``criterion`` ("max" or "mass") keeps at ``threshold`` (flags, compacted by the Triton
     kernel's ``compact_flags``); ``lse_state`` (float32 (B, H, Sq)) is read as the previous call's LSE and
-    overwritten with this call's; ``return_lse`` returns ``(out, lse)``."""
+    overwritten with this call's; ``return_lse`` returns ``(out, lse)``; ``must_do_k`` / ``must_do_q``: bool masks
+    per k-tile / q-tile (as ``lite_attention`` builds them from token ranges) whose tiles the write list always
+    keeps."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         raise ValueError("the Gluon kernel runs on Hopper (sm_90) CUDA devices only")
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
@@ -373,8 +383,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, writ
                              f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
                              f"{(B, H, num_q_tiles, num_k_tiles)}")
         idx, cnt = read.kv_indices, read.kv_counts
-    if (write is not None or lse_state is not None or return_lse) and not pingpong:
-        raise ValueError("write lists and LSEs are in the ping-pong consumers only: pass pingpong=True")
+    if (write is not None or lse_state is not None or return_lse or must_do_k is not None or must_do_q is not None
+            ) and not pingpong:
+        raise ValueError("write lists, must-do tiles and LSEs are in the ping-pong consumers only: pass pingpong=True")
+    for name, mask, n in (("must_do_k", must_do_k, num_k_tiles), ("must_do_q", must_do_q, num_q_tiles)):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,) or mask.device != q.device):
+            raise ValueError(f"{name} must be a bool tensor of shape ({n},) on {q.device}, one entry per tile")
     if criterion not in ("max", "mass"):
         raise ValueError(f"criterion must be 'max' or 'mass', got {criterion!r}")
     flags = thr = lse = None
@@ -399,7 +413,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, writ
     scale = D ** -0.5 if scale is None else scale
     _attn_fwd_ws[(num_q_tiles, B * H)](
         q_desc, k_desc, v_desc, out, out.stride(1), out.stride(2), out.stride(0), Sq, Sk, H, num_q_tiles,
-        num_k_tiles, scale * 1.4426950408889634, idx, cnt, flags, thr, lse, lse_state, STAGES=stages,
+        num_k_tiles, scale * 1.4426950408889634, idx, cnt, flags, thr, lse, lse_state,
+        None if must_do_k is None else must_do_k.view(torch.uint8),
+        None if must_do_q is None else must_do_q.view(torch.uint8), STAGES=stages,
         PINGPONG=bool(pingpong), CRITERION=0 if criterion == "max" else 1, num_warps=4, maxnreg=168)
     if write is not None:
         from .triton_kernel import compact_flags
@@ -410,7 +426,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, writ
 
 
 def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = False, stages: int = None,
-                     write: bool = False, criterion: int = 0, lse: bool = False):
+                     write: bool = False, criterion: int = 0, lse: bool = False, must_do: bool = False):
     """Compile the kernel for sm_90 without a GPU (Triton's own ptxas), for checks and register/shared-memory
     reports: returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.metadata.shared``). Triton's interpreter must be
     off in this process (``TRITON_INTERPRET`` unset when triton was imported), or Gluon cannot call Triton's
@@ -427,10 +443,12 @@ def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = 
                  "read_idx_ptr": "*i32" if lists else "constexpr", "read_cnt_ptr": "*i32" if lists else "constexpr",
                  "flags_ptr": "*i32" if write else "constexpr", "threshold_ptr": "*fp32" if write else "constexpr",
                  "lse_ptr": "*fp32" if lse else "constexpr", "lse_state_ptr": "*fp32" if lse else "constexpr",
+                 "must_k_ptr": "*u8" if must_do else "constexpr", "must_q_ptr": "*u8" if must_do else "constexpr",
                  "STAGES": "constexpr", "PINGPONG": "constexpr", "CRITERION": "constexpr"}
     constants = {"STAGES": stages or (3 if pingpong else 2), "PINGPONG": bool(pingpong), "CRITERION": criterion}
     for name, given in (("read_idx_ptr", lists), ("read_cnt_ptr", lists), ("flags_ptr", write),
-                        ("threshold_ptr", write), ("lse_ptr", lse), ("lse_state_ptr", lse)):
+                        ("threshold_ptr", write), ("lse_ptr", lse), ("lse_state_ptr", lse), ("must_k_ptr", must_do),
+                        ("must_q_ptr", must_do)):
         if not given:
             constants[name] = None
     source = GluonASTSource(_attn_fwd_ws, signature, constexprs=constants)
