@@ -41,6 +41,47 @@ ROWS_PER_CONSUMER = gl.constexpr(64)  # one warpgroup's wgmma M
 TILE_Q = 2 * ROWS_PER_CONSUMER.value
 
 
+@gluon.constexpr_function
+def _mma_layout(n):
+    """One warpgroup's wgmma accumulator layout for an output ``n`` columns wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _q_tile(num_heads, num_q_tiles, num_k_tiles, read_cnt_ptr):
+    """This program's (q-tile, batch, head), its row of the lists and how many k-tiles it reads."""
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
+    count = num_k_tiles
+    if read_cnt_ptr is not None:
+        count = gl.load(read_cnt_ptr + row)
+    return pid_m, pid_bh, pid_bh // num_heads, pid_bh % num_heads, row, count
+
+
+@gluon.jit
+def _store_out(acc, l_i, o_ptr, stride_os, stride_oh, stride_ob, seq_q, pid_m, b, h, which: gl.constexpr,
+               M: gl.constexpr):
+    """O / l into the output rows of this warpgroup; rows that read no tile (l = 0) give 0, as the other backends."""
+    o_layout: gl.constexpr = acc.type.layout
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    rows = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_o)
+    dims = gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, o_layout))
+    offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+            + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
+    gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
+
+
+@gluon.jit
+def _masked_scores(scores, j, seq_k, cols, BLOCK_N: gl.constexpr):
+    """The ragged last k-tile: columns past seq_k (the next batch's rows) get -inf."""
+    if (j + 1) * BLOCK_N > seq_k:
+        scores = gl.where(gl.expand_dims(j * BLOCK_N + cols < seq_k, 0), scores, float("-inf"))
+    return scores
+
+
 @gluon.jit
 def _producer(p, which: gl.constexpr):
     """1 warp: the K/V loads of the q-tile's k-tiles, in list order, into the ring."""
@@ -50,15 +91,8 @@ def _producer(p, which: gl.constexpr):
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    pid_m, pid_bh, b, h, row, count = _q_tile(num_heads, num_q_tiles, num_k_tiles, read_cnt_ptr)
     kv_row = b * seq_k
-    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
-    count = num_k_tiles
-    if read_cnt_ptr is not None:
-        count = gl.load(read_cnt_ptr + row)
     for i in range(count):
         j = i
         if read_idx_ptr is not None:
@@ -81,22 +115,12 @@ def _consumer(p, which: gl.constexpr):
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     M: gl.constexpr = ROWS_PER_CONSUMER
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
-    count = num_k_tiles
-    if read_cnt_ptr is not None:
-        count = gl.load(read_cnt_ptr + row)
+    pid_m, pid_bh, b, h, row, count = _q_tile(num_heads, num_q_tiles, num_k_tiles, read_cnt_ptr)
 
     q_half = q_smem.index(which)
     mbarrier.wait(q_bar.index(which), 0)
@@ -116,8 +140,7 @@ def _consumer(p, which: gl.constexpr):
         scores = gl.zeros([M, BLOCK_N], gl.float32, s_layout)
         scores = warpgroup_mma(q_half, k_tile.permute((1, 0)), scores, use_acc=False, is_async=True)
         scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
-        if (j + 1) * BLOCK_N > seq_k:  # the ragged last k-tile: rows past seq_k belong to the next batch
-            scores = gl.where(gl.expand_dims(j * BLOCK_N + cols < seq_k, 0), scores, float("-inf"))
+        scores = _masked_scores(scores, j, seq_k, cols, BLOCK_N)
         m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
         probs = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
@@ -129,22 +152,7 @@ def _consumer(p, which: gl.constexpr):
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(s), count=1)
 
-    # Rows that read no tile (l = 0) give 0, as the other backends do.
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-    rows = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_o)
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-            + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
-    gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
-
-
-@gluon.jit
-def _masked_scores(scores, j, seq_k, cols, BLOCK_N: gl.constexpr):
-    """The ragged last k-tile: columns past seq_k (the next batch's rows) get -inf."""
-    if (j + 1) * BLOCK_N > seq_k:
-        scores = gl.where(gl.expand_dims(j * BLOCK_N + cols < seq_k, 0), scores, float("-inf"))
-    return scores
+    _store_out(acc, l_i, o_ptr, stride_os, stride_oh, stride_ob, seq_q, pid_m, b, h, which, M)
 
 
 @gluon.jit
@@ -176,22 +184,12 @@ def _consumer_pingpong(p, which: gl.constexpr):
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     M: gl.constexpr = ROWS_PER_CONSUMER
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    row = pid_bh.to(gl.int64) * num_q_tiles + pid_m
-    count = num_k_tiles
-    if read_cnt_ptr is not None:
-        count = gl.load(read_cnt_ptr + row)
+    pid_m, pid_bh, b, h, row, count = _q_tile(num_heads, num_q_tiles, num_k_tiles, read_cnt_ptr)
 
     q_half = q_smem.index(which)
     rows_s = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_s)
@@ -271,13 +269,7 @@ def _consumer_pingpong(p, which: gl.constexpr):
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(last), count=1)
 
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-    rows = pid_m * (2 * M) + which * M + gl.arange(0, M, layout=row_o)
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-            + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0))
-    gl.store(o_ptr + offs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(rows < seq_q, 1))
+    _store_out(acc, l_i, o_ptr, stride_os, stride_oh, stride_ob, seq_q, pid_m, b, h, which, M)
     if (lse_ptr is not None) or (lse_state_ptr is not None):
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log; -inf for empty rows
         lse_offs = pid_bh.to(gl.int64) * seq_q + rows_s
