@@ -34,6 +34,23 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
 @triton.jit
+def _block(acc, l_i, m_i, q, k_desc, v_desc, kv_row, n0, h, seq, qk_scale, HEAD_DIM: tl.constexpr,
+           BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Online softmax over the BLOCK_N keys from ``n0``; MASK: the ragged tail (columns past ``seq``)."""
+    k = k_desc.load([kv_row + n0, h * HEAD_DIM])
+    qk = tl.dot(q, tl.trans(k))
+    if MASK:
+        qk = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < seq, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = v_desc.load([kv_row + n0, h * HEAD_DIM])
+    return tl.dot(p.to(v.dtype), v, acc), l_i, m_new
+
+
+@triton.jit
 def _dense_probe(q_desc, k_desc, v_desc, o_ptr, stride_ob, stride_os, stride_oh, seq, num_heads, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -49,31 +66,11 @@ def _dense_probe(q_desc, k_desc, v_desc, o_ptr, stride_ob, stride_os, stride_oh,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = seq // BLOCK_N
     for j in tl.range(0, n_full, num_stages=STAGES):
-        n0 = j * BLOCK_N
-        k = k_desc.load([kv_row + n0, h * HEAD_DIM])
-        qk = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = v_desc.load([kv_row + n0, h * HEAD_DIM])
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _block(acc, l_i, m_i, q, k_desc, v_desc, kv_row, j * BLOCK_N, h, seq, qk_scale, HEAD_DIM,
+                               BLOCK_N, False)
     if n_full * BLOCK_N < seq:  # the ragged tail, masked
-        n0 = n_full * BLOCK_N
-        k = k_desc.load([kv_row + n0, h * HEAD_DIM])
-        qk = tl.dot(q, tl.trans(k))
-        cols = n0 + tl.arange(0, BLOCK_N)
-        qk = tl.where(cols[None, :] < seq, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = v_desc.load([kv_row + n0, h * HEAD_DIM])
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = _block(acc, l_i, m_i, q, k_desc, v_desc, kv_row, n_full * BLOCK_N, h, seq, qk_scale,
+                               HEAD_DIM, BLOCK_N, True)
     out = acc / l_i[:, None]
     cols_v = tl.arange(0, HEAD_DIM)
     offs = (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_os
