@@ -21,3 +21,20 @@ class ListPair:
 
     def swap(self):
         self.read, self.write = self.write, self.read
+
+
+def exact_and_rounded_mass_calls(q, k, v, exact, write, tile, threshold, backend):
+    """The mass rule's call twice on the same inputs: stateless, measured against the exact previous LSE ``exact``
+    (written into ``write``), and through a ``SkipState`` that holds ``exact`` rounded down (its compact format).
+    Returns ``(out, kept, kept_exact, rounded)``: the state call's output, the state's kept tiles after it, the
+    stateless call's kept tiles, and the rounded LSE the state call measured against."""
+    from liteattn import SkipState, lite_attention
+
+    lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
+                   backend=backend)
+    B, H, S = exact.shape
+    state = SkipState(B, H, S, S, tile, tile, device=exact.device, with_lse=True)
+    state.set_lse(exact)
+    rounded = state.lse
+    out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend=backend)
+    return out, state.to_dense(), write.to_dense(), rounded

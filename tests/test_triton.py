@@ -17,7 +17,7 @@ from liteattn.backends import triton_available
 from liteattn.state import decode_lse, encode_lse
 from liteattn.testing import StructuredSequence
 
-from lists import ListPair
+from lists import ListPair, exact_and_rounded_mass_calls
 from oracle import LSE_FLOOR, OUT_FLOOR, assert_within_rule, check_call, plain_attention, tile_margin
 
 CUDA = torch.cuda.is_available()
@@ -124,22 +124,15 @@ def test_kernel_rounded_down_lse_keeps_a_superset_of_the_exact_lses_tiles(S, gai
     exact float32 LSE keeps (the stateless ``lse_state=``), on the same inputs and read list, and what the oracle
     keeps given the rounded LSE. Random scores: tile shares near the threshold, so that an LSE rounded the wrong
     way (0.1 above) drops tiles here."""
-    from liteattn import SkipState
-
     gen = torch.Generator().manual_seed(S)
     first = [torch.randn(1, S, 2, 32, generator=gen) * g for g in (gain, gain, 1.0)]
     second = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in first]
     (q0, k0, v0), (q, k, v) = ([x.to(DEVICE, torch.float16) for x in xs] for xs in (first, second))
     _, exact = lite_attention(q0, k0, v0, return_lse=True, backend="triton", tile_q=64, tile_k=64)
     write = poisoned_write(SkipList.full(1, 2, S, S, 64, 64, DEVICE))
-    lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
-                   backend="triton")
-    state = SkipState(1, 2, S, S, 64, 64, device=DEVICE, with_lse=True)
-    state.set_lse(exact)
-    rounded = state.lse
+    out, kept, kept_exact, rounded = exact_and_rounded_mass_calls(q, k, v, exact, write, 64, threshold,
+                                                                  "triton")
     assert (rounded <= exact).all() and (rounded < exact).any()
-    out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="triton")
-    kept, kept_exact = state.to_dense(), write.to_dense()
     assert not (kept_exact & ~kept).any(), "the rounded LSE dropped a tile"
     assert (kept & ~kept_exact).any()  # conservative, and measurably so here
     check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=64, tile_k=64, criterion="mass",
@@ -151,7 +144,6 @@ def test_kernel_with_a_wide_spread_of_lses_in_a_q_tile_keeps_close_to_the_exact_
     spread over 42 to 175 nats within a q-tile. Each q-tile's step grows to span it (no row clamped), and the state
     keeps a superset of the exact LSE's tiles with at most 3 more per threshold (the codes with one step for every
     tile kept all 128 at each)."""
-    from liteattn import SkipState
     from liteattn.state import lse_step
 
     seq_q, tile = 512, 64
@@ -163,14 +155,9 @@ def test_kernel_with_a_wide_spread_of_lses_in_a_q_tile_keeps_close_to_the_exact_
     rows_step = lse_step(shift)[..., torch.arange(seq_q, device=DEVICE) // tile]
     for threshold in (-4.0, -8.0):
         write = poisoned_write(SkipList.full(1, 2, seq_q, seq_q, tile, tile, DEVICE))
-        lite_attention(q, k, v, write=write, threshold=threshold, criterion="mass", lse_state=exact.clone(),
-                       backend="triton")
-        state = SkipState(1, 2, seq_q, seq_q, tile, tile, device=DEVICE, with_lse=True)
-        state.set_lse(exact)
-        rounded = state.lse
+        out, kept, kept_exact, rounded = exact_and_rounded_mass_calls(q, k, v, exact, write, tile, threshold,
+                                                                      "triton")
         assert (rounded <= exact).all() and (exact - rounded < rows_step).all()  # no row clamped
-        out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend="triton")
-        kept, kept_exact = state.to_dense(), write.to_dense()
         assert not (kept_exact & ~kept).any(), f"threshold {threshold}: the rounded LSE dropped a tile"
         assert int(kept.sum()) <= int(kept_exact.sum()) + 3 < kept.numel(), (threshold, int(kept.sum()),
                                                                                int(kept_exact.sum()))
