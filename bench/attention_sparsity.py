@@ -135,7 +135,7 @@ def load(weights, checkpoint, device, dtype):
     from liteattn.demo import model as demo_model
 
     if checkpoint:
-        from liteattn.demo.train import _load_split
+        from liteattn.demo.checkpoint import _load_split
 
         folder = pathlib.Path(checkpoint)
         state = json.loads((folder / "state.json").read_text())

@@ -15,7 +15,7 @@ from liteattn.demo import data, textured  # noqa: E402
 from liteattn.demo.model import (VIDEO_LARGE, WEIGHTS_LARGE, build_model, load_large, load_model,  # noqa: E402
                                  save_weights)
 from liteattn.demo.sample import sample  # noqa: E402
-from liteattn.demo.train import load_checkpoint, save_checkpoint  # noqa: E402
+from liteattn.demo.checkpoint import _load_split, load_checkpoint, save_checkpoint  # noqa: E402
 
 SWAPPED = ("red circle moving right, blue square moving down", "red square moving right, blue circle moving down")
 # A tiny Wan transformer (2 heads x 12, 1 layer) for the structural tests: 2 frames of 16x16 are 32 tokens.
@@ -194,7 +194,7 @@ def test_qk_norm_options_set_the_attention_scale_and_survive_a_resume(tmp_path):
     state = json.loads((first / "state.json").read_text())
     scale = [v for layer in state["qk_scale"] for v in layer]
     assert len(scale) == 24 and all(abs(v - 2.25) < 0.05 for v in scale)
-    ema = train._load_split(first, "ema")
+    ema = _load_split(first, "ema")
     # One Adam step moves a weight by about its learning rate (default 4e-4): ten times that for the q/k norms,
     # which start at 1.5; the cross-attention's norms keep the plain rate and their initial 1.
     moved = (ema["transformer.blocks.0.attn1.norm_q.weight"].float() - 1.5).abs().amax().item()
@@ -259,7 +259,7 @@ def test_heads_option_survives_resume_and_export_and_local_init_makes_7_of_8_loc
                 "--out", str(first)] + common)
     state = json.loads((first / "state.json").read_text())
     assert state["config"]["num_attention_heads"] == 8 and state["config"]["attention_head_dim"] == 32
-    ema = train._load_split(first, "ema")
+    ema = _load_split(first, "ema")
     for layer in range(6):
         bias = ema[f"transformer.blocks.{layer}.attn1.to_q.bias"].float().view(8, 32)
         norms = bias.square().sum(-1)
