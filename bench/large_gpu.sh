@@ -13,6 +13,7 @@
 # liteattn/demo/train.py: --qk-norm-init, --local-init); HEADS_PER_LAYER=8 makes a fresh run's layers 8 heads x 32
 # instead of 4 x 64 (--heads; a resume keeps the checkpoint's; not HEADS, which asks for the per-head table); FRAMES, SIZE
 # and REGIONS (textured ground regions per clip, liteattn/demo/textured.py) change the data, also on a resume.
+# SPARSITY_FRAMES=N measures the sparsity on clips of N frames (default: the training clips').
 # SHAPE_WEIGHT=W weights the loss on the shapes' pixels W times the ground's (--shape-weight; kept on resume).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -49,7 +50,7 @@ train "$total" "$OUT/ck" "$resume" --samples $R/samples.gif; pack
 cp "$OUT/ck/state.json" $R/state.json
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw,memory.used --format=csv
 timeout "${SPARSITY_SECONDS:-150}" python3 bench/attention_sparsity.py --checkpoint "$OUT/ck" --steps 30 --num-prompts 4 \
-    --json $R/sparsity_large.json 2>&1 | grep -v Warn; pack
+    ${SPARSITY_FRAMES:+--frames $SPARSITY_FRAMES} --json $R/sparsity_large.json 2>&1 | grep -v Warn; pack
 [ "${HEADS:-0}" = 1 ] && timeout "${HEADS_SECONDS:-120}" python3 bench/attention_heads.py --checkpoint "$OUT/ck" \
     --binding --json $R/heads.json 2>&1 | grep -v Warn
 python3 - <<'PY'
