@@ -1,4 +1,4 @@
-"""First GPU run of the Gluon kernel v2 (issue 12; liteattn/backends/gluon_hopper.py): correctness, then speed.
+"""Kernel v2 (Gluon, issue 12; backends/gluon_hopper.py, gluon_launch.py) on the GPU: correctness, then speed.
 
     timeout 240 python bench/gluon_check.py [--quick]        # CUDA sm_90; run under a timeout (a wrong mbarrier
                                                               # phase hangs the kernel instead of failing)
@@ -22,7 +22,7 @@ import torch
 
 def check_correctness(log=print) -> bool:
     from liteattn import lite_attention
-    from liteattn.backends import gluon_hopper as gh
+    from liteattn.backends import gluon_launch as gh
     from liteattn.bench import random_lists
     from liteattn.testing import structured_qkv
 
@@ -97,7 +97,7 @@ def bench(shapes, log=print):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from liteattn import lite_attention
-    from liteattn.backends import gluon_hopper as gh
+    from liteattn.backends import gluon_launch as gh
     from liteattn.bench import SHAPES, _time, random_lists
 
     rows = []

@@ -150,16 +150,19 @@ def _attention_fwd(
         return out.contiguous(), q.new_empty(0, dtype=torch.float32)
     if lse_codes is not None:  # a transient float32 copy, rounded down: never above the exact previous LSE
         lse_state = decode_lse(lse_codes, lse_base, lse_shift, tile_q)
-    if backend == "triton" and bits is not None:
+    if backend in ("triton", "gluon") and bits is not None:
         shape = (*bits.shape[:3], -(-k.shape[1] // tile_k))  # (B, H, Mq, Nk)
         read_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
         write_indices = torch.empty(shape, dtype=torch.int32, device=q.device)
-    if backend == "triton":
-        from .backends.triton_launch import triton_attention
+    if backend in ("triton", "gluon"):  # one contract, two kernels (liteattn/backends/__init__.py)
+        if backend == "triton":
+            from .backends.triton_launch import triton_attention as launch
+        else:
+            from .backends.gluon_launch import gluon_attention as launch
 
-        out, lse = triton_attention(q, k, v, read_indices, read_counts, write_indices, write_counts,
-                                    must_do_k, must_do_q, threshold, criterion_id(criterion), scale, tile_q, tile_k,
-                                    return_lse, lse_state=lse_state, bits=bits)
+        out, lse = launch(q, k, v, read_indices, read_counts, write_indices, write_counts, must_do_k, must_do_q,
+                          threshold, criterion_id(criterion), scale, tile_q, tile_k, return_lse, lse_state=lse_state,
+                          bits=bits)
     else:
         nk = -(-k.shape[1] // tile_k)
         if bits is not None:
@@ -257,7 +260,8 @@ def lite_attention(
             never dropped.
         must_do_q: query-token ranges whose q-tiles never drop a tile (e.g. text rows in joint attention).
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
-        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic; :func:`liteattn.backends.choose`).
+        backend: ``"triton"``, ``"gluon"`` (Hopper), ``"torch"`` or ``None`` (automatic;
+            :func:`liteattn.backends.choose`).
         tile_q, tile_k: tile sizes when no list is given (default 128); must match the lists otherwise.
 
     Returns:

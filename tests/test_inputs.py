@@ -177,9 +177,9 @@ def test_tensor_thresholds():
 
 def test_bad_backend_and_tiles():
     q, k, v = good()
-    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\) or None.*got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton', 'gluon'\) or None.*got 'cuda'"):
         lite_attention(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\) or None.*got 'flash'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton', 'gluon'\) or None.*got 'flash'"):
         LiteAttention(backend="flash")
     for bad in (0, 24, -16, 32.0, True):
         with pytest.raises(ValueError, match=r"tile_q must be a positive multiple of 16"):

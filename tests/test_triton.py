@@ -1,4 +1,5 @@
-"""The Triton kernel against the float64 oracle (tests/oracle.py).
+"""The GPU kernels against the float64 oracle (tests/oracle.py): the Triton kernel everywhere, and on a Hopper GPU
+also the Gluon kernel (backend "gluon"), through the same checks.
 
 Without a GPU the kernel runs in the Triton interpreter (set by conftest.py) on small shapes, and every call is
 checked against the tile-by-tile oracle: output and LSE by the tolerance rule of docs/DESIGN.md section 3, write
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from liteattn import LiteAttention, SkipList, lite_attention
-from liteattn.backends import triton_available
+from liteattn.backends import gluon_available, triton_available
 from liteattn.state import decode_lse, encode_lse
 from liteattn.testing import StructuredSequence
 
@@ -25,6 +26,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+HOPPER = CUDA and gluon_available("cuda")
+# The GPU tests run every kernel the card has: the Gluon one only on Hopper (skipped elsewhere, and in CI).
+KERNELS = ["triton", pytest.param("gluon", marks=pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU"))]
 
 
 def poisoned_write(read: SkipList) -> SkipList:
@@ -33,14 +37,15 @@ def poisoned_write(read: SkipList) -> SkipList:
                     read.tile_k, read.seq_q, read.seq_k)
 
 
-def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None, criterion="max", lse_state=None):
+def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None, criterion="max", lse_state=None,
+               backend="triton"):
     """One kernel call on ``read`` with the keep rule ``criterion`` (the mass rule reads and rewrites
     ``lse_state``), checked against the oracle (small shapes) or the float64 PyTorch backend with the oracle's rule
     (production shapes); returns the kernel's write list."""
     write = poisoned_write(read)
     lse_prev = None if lse_state is None else lse_state.clone()
     kw = dict(threshold=threshold, must_do=must_do, must_do_q=must_do_q, return_lse=True, criterion=criterion)
-    out, lse = lite_attention(q, k, v, read=read, write=write, backend="triton", lse_state=lse_state, **kw)
+    out, lse = lite_attention(q, k, v, read=read, write=write, backend=backend, lse_state=lse_state, **kw)
     if lse_state is not None:
         assert torch.equal(lse_state, lse)
     write.check()
@@ -68,12 +73,13 @@ def check_step(q, k, v, read, threshold, must_do=None, must_do_q=None, criterion
 
 
 def run_steps(steps, B, Sq, H, D, tile_q, tile_k, dtype, threshold, seq_k=None, device=DEVICE, criterion="max",
-              **kw):
+              backend="triton", **kw):
     seq_k = Sq if seq_k is None else seq_k
     state = ListPair(B, H, Sq, seq_k, tile_q, tile_k, device=device, with_lse=criterion == "mass")
     sparsities = []
     for q, k, v in StructuredSequence(steps, B, Sq, H, D, seq_k=seq_k, dtype=dtype, device=device, seed=Sq + D):
-        written = check_step(q, k, v, state.read, threshold, criterion=criterion, lse_state=state.lse, **kw)
+        written = check_step(q, k, v, state.read, threshold, criterion=criterion, lse_state=state.lse,
+                             backend=backend, **kw)
         state.write.kv_indices.copy_(written.kv_indices)
         state.write.kv_counts.copy_(written.kv_counts)
         state.swap()
@@ -203,15 +209,46 @@ def test_triton_refusals_are_clear():
 # -- GPU: production-like shapes, graphs, compile, no host sync ----------------------------------------
 
 @gpu
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("Sq,H,D,tile,dtype,criterion", [
     (32760, 2, 128, 128, torch.bfloat16, "max"),   # Wan2.1 480p length, ragged tail
     (32760, 2, 128, 128, torch.bfloat16, "mass"),
     (17776, 2, 64, 128, torch.float16, "max"),     # CogVideoX length
     (4000, 3, 128, 64, torch.bfloat16, "mass"),    # 64-tiles
 ])
-def test_gpu_production_shapes(Sq, H, D, tile, dtype, criterion):
-    sparsities = run_steps(3, 1, Sq, H, D, tile, tile, dtype, threshold=-8.0, device="cuda", criterion=criterion)
+def test_gpu_production_shapes(Sq, H, D, tile, dtype, criterion, backend):
+    if backend == "gluon" and tile != 128:
+        pytest.skip("the Gluon kernel takes tiles of 128")
+    sparsities = run_steps(3, 1, Sq, H, D, tile, tile, dtype, threshold=-8.0, device="cuda", criterion=criterion,
+                           backend=backend)
     assert sparsities[-1] > 0.2
+
+
+@gpu
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("criterion", ["max", "mass"])
+@pytest.mark.parametrize("Sq,Sk,D", [(700, 1300, 128), (1000, 1000, 64)])
+def test_gpu_skip_state_matches_the_oracle(Sq, Sk, D, criterion, backend):
+    """The SkipState path with 128-tiles on the GPU (bits expanded, the kernel, flags packed back), with must-do
+    keys, against the oracle, and the Gluon kernel's state after three steps equal to the Triton kernel's."""
+    from liteattn import SkipState
+
+    states = {name: SkipState(2, 2, Sq, Sk, 128, 128, device="cuda", with_lse=criterion == "mass")
+              for name in ("triton", backend)}
+    for q, k, v in StructuredSequence(3, 2, Sq, 2, D, seq_k=Sk, dtype=torch.bfloat16, device="cuda", seed=Sk + D):
+        state = states[backend]
+        read, lse_prev = state.to_dense().clone(), state.lse
+        out, lse = lite_attention(q, k, v, state=state, threshold=-5.0, criterion=criterion, return_lse=True,
+                                  must_do=[(200, 230)], backend=backend)
+        assert torch.equal(state.counts, read.sum(-1, dtype=torch.int32))
+        check_call(q, k, v, read, out, lse, state.to_dense(), threshold=-5.0, tile_q=128, tile_k=128,
+                   criterion=criterion, lse_prev=lse_prev, must_do=[(200, 230)])
+        if backend != "triton":
+            lite_attention(q, k, v, state=states["triton"], threshold=-5.0, criterion=criterion,
+                           must_do=[(200, 230)], backend="triton")
+    assert states[backend].sparsity() > 0.0
+    flips = (states[backend].to_dense() != states["triton"].to_dense()).sum().item()
+    assert flips <= 2, f"{flips} tiles differ from the Triton kernel's state"
 
 
 def test_kernel_writes_every_output_element():
@@ -232,9 +269,10 @@ def test_kernel_writes_every_output_element():
 
 
 @gpu
-def test_gpu_no_host_sync():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gpu_no_host_sync(backend):
     q, k, v = next(iter(StructuredSequence(1, 2, 1000, 4, 64, dtype=torch.bfloat16, device="cuda")))
-    attn = LiteAttention(threshold=-6.0, backend="triton")
+    attn = LiteAttention(threshold=-6.0, backend=backend)
     attn(q, k, v)  # compile / allocate / autotune outside the check
     attn(q, k, v)
     torch.cuda.set_sync_debug_mode("error")
@@ -248,10 +286,11 @@ def test_gpu_no_host_sync():
 
 
 @gpu
-def test_gpu_cuda_graph_matches_eager():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gpu_cuda_graph_matches_eager(backend):
     q, k, v = next(iter(StructuredSequence(1, 1, 2000, 4, 128, dtype=torch.bfloat16, device="cuda")))
     state = ListPair(1, 4, 2000, 2000, 128, 128, device="cuda")
-    kw = dict(read=state.read, write=state.write, threshold=-6.0, backend="triton")
+    kw = dict(read=state.read, write=state.write, threshold=-6.0, backend=backend)
     eager = lite_attention(q, k, v, **kw)
     eager_written = state.write.to_dense()
     state.write.kv_counts.zero_()
@@ -265,12 +304,13 @@ def test_gpu_cuda_graph_matches_eager():
 
 
 @gpu
-def test_gpu_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gpu_torch_compile_fullgraph(backend):
     q, k, v = next(iter(StructuredSequence(1, 1, 1000, 2, 64, dtype=torch.float16, device="cuda")))
     state = ListPair(1, 2, 1000, 1000, 128, 128, device="cuda")
 
     def f(q, k, v):
-        return lite_attention(q, k, v, read=state.read, write=state.write, threshold=-6.0) * 2
+        return lite_attention(q, k, v, read=state.read, write=state.write, threshold=-6.0, backend=backend) * 2
 
     compiled = torch.compile(f, fullgraph=True)
     out = compiled(q, k, v)

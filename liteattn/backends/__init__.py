@@ -2,12 +2,16 @@
 
 ``torch``  : the vectorised PyTorch reference (any device, any float dtype, any tile multiple of 16).
 ``triton`` : the fused Triton kernel (CUDA; or the CPU under ``TRITON_INTERPRET=1``): fp16/bf16, head dims
-             16/32/64/128, tiles of 64 or 128.
+             16/32/64/128, tiles of 64 or 128. The portable kernel.
+``gluon``  : kernel v2 for Hopper (sm_90: H100, H200) in Gluon (``gluon_hopper.py``, ``gluon_launch.py``): the
+             same contract, FlashAttention-3's structure; fp16/bf16, D = Dv in {64, 128}, tiles of 128.
 
 :func:`choose` turns a request (``"torch"``, ``"triton"`` or ``None`` = automatic) into the backend that runs:
 
 - an explicit request that cannot run raises ValueError naming why;
-- automatic on CUDA runs Triton; when the kernel cannot take the inputs (Triton missing, a dtype or head dim it
+- automatic on a Hopper GPU runs ``gluon`` when it can take the inputs (else ``triton``, silently: same results,
+  slower); pass ``backend="triton"`` to run the portable kernel there;
+- automatic on other CUDA GPUs runs Triton; when the kernel cannot take the inputs (Triton missing, a dtype or head dim it
   does not support) it falls back to the PyTorch reference, with a WARNING that says why, logged once per cause.
   Tile sizes are the caller's choice, so a tile the kernel cannot run is refused (ValueError), never quietly
   computed by the O(S^2)-memory reference;
@@ -29,9 +33,10 @@ import torch
 logger = logging.getLogger("liteattn")
 
 __all__ = ["BACKENDS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_TILES", "choose", "check_backend", "triton_available",
-           "triton_import_error", "kernel_tile_error", "interpreter_on"]
+           "triton_import_error", "kernel_tile_error", "interpreter_on", "gluon_available", "gluon_import_error",
+           "gluon_input_error"]
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "gluon")
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_TILES = (64, 128)
@@ -57,6 +62,42 @@ def triton_import_error() -> Optional[str]:
 def triton_available() -> bool:
     """True when the Triton kernel module imports (Triton installed, kernel present)."""
     return triton_import_error() is None
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_import_error() -> Optional[str]:
+    """Why the Hopper kernel's launcher does not import (no Gluon in this Triton, ...), or None when it does."""
+    try:
+        from . import gluon_launch  # noqa: F401
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def gluon_available(device) -> bool:
+    """True when the Hopper kernel can run on ``device``: a CUDA sm_90 GPU (H100, H200), Gluon importable, the
+    interpreter off."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreter_on() or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9 and gluon_import_error() is None
+
+
+def gluon_input_error(q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int) -> Optional[str]:
+    """Why the Hopper kernel cannot take these inputs and tiles, or None."""
+    if (tile_q, tile_k) != (128, 128):
+        return f"the Hopper kernel takes tiles of 128, got tile_q={tile_q}, tile_k={tile_k}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Hopper kernel takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+        return f"the Hopper kernel takes D = Dv in (64, 128), got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    return None
 
 
 def interpreter_on() -> bool:
@@ -86,7 +127,7 @@ def _warn_fallback_once(reason: str) -> None:
 
 def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: int, tile_k: int,
            plain: bool = False) -> str:
-    """The backend that runs these inputs: ``"torch"``, ``"triton"`` or ``"sdpa"`` (module docstring). ``plain``:
+    """The backend that runs these inputs: ``"torch"``, ``"triton"``, ``"gluon"`` or ``"sdpa"`` (module docstring). ``plain``:
     the call reads every tile, decides nothing and returns no LSE."""
     check_backend(requested)
     if requested == "torch":
@@ -95,6 +136,17 @@ def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: i
         return "sdpa"
     device = q.device
     runnable = device.type == "cuda" or (device.type == "cpu" and interpreter_on())
+    if requested == "gluon":
+        if gluon_import_error() is not None:
+            raise ValueError(f"backend='gluon' was requested but its launcher does not import "
+                             f"({gluon_import_error()}); use backend='triton', 'torch' or None")
+        if not gluon_available(device):
+            raise ValueError(f"backend='gluon' runs on Hopper (sm_90) CUDA GPUs with Triton's interpreter off, got "
+                             f"tensors on {device}; use backend='triton', 'torch' or None")
+        reason = gluon_input_error(q, v, tile_q, tile_k)
+        if reason is not None:
+            raise ValueError(f"backend='gluon': {reason}; use backend='triton' or None")
+        return "gluon"
     if requested == "triton":
         if not triton_available():
             raise ValueError(f"backend='triton' was requested but the Triton kernel does not import "
@@ -119,4 +171,6 @@ def choose(requested: Optional[str], q: torch.Tensor, v: torch.Tensor, tile_q: i
     if reason is not None:
         _warn_fallback_once(reason)
         return "torch"
+    if gluon_available(device) and gluon_input_error(q, v, tile_q, tile_k) is None:
+        return "gluon"
     return "triton"

@@ -1,38 +1,29 @@
-"""Kernel v2 for Hopper (issue 12), in Gluon: work in progress, not registered as a backend, used by no path.
+"""Kernel v2 for Hopper (issue 12), in Gluon: the sm_90 backend ("gluon", chosen by ``backends.choose``); its
+launcher is ``gluon_launch.py``. The Triton kernel stays the portable path (other GPUs, the interpreter in CI).
 
-Status (2026-11-28): compile-checked on the CPU for sm_90 (tests/test_gluon_hopper.py builds the cubin with ptxas),
-and **correct on its first GPU run** (H200, `bench/gluon_check.py`): dense against float64 SDPA (D 64 and 128,
-fp16 and bf16, ragged lengths, Sq != Sk) and over random read lists against the Triton kernel (bit-identical at
-D=128, within bf16 rounding at D=64). **Its speed is not measured yet**: the call's time budget ran out while it
-was timed. bench/NOTES.md ("Where the dense core's time goes") says why it exists and
-what each step should recover. This first version is step 1 of that plan:
+Measured (H100, ``bench/gluon_check.py``, bench/results/gluon_check_h100_2026-11-28.txt): dense 1.098x cuDNN SDPA at
+Wan 1.3B 480p and 1.099x at CogVideoX; bit-identical to the Triton kernel over read lists, and the same write
+lists and LSE under both keep rules. bench/NOTES.md ("Where the dense core's time goes") has the plan and the
+explanation per step.
 
 - one CTA per (128-row q-tile, batch*head), 12 warps in three partitions:
   a **producer** (1 warp, 24 registers) walks the q-tile's read list (or every k-tile) and issues the K and V TMA
   loads into a ring of ``STAGES`` shared-memory stages, each with a "ready" mbarrier (TMA bytes) and an "empty"
   mbarrier (two arrivals: one per consumer);
-- two **consumers** (4 warps = one warpgroup each: the default partition and a worker) each own 64 of the 128 rows.
-  Each runs the online softmax of ``liteattn/backends/triton_kernel.py`` (exp2, scale folded in, the ragged last
-  k-tile masked) with asynchronous ``warpgroup_mma``: S = Q K^T from shared memory, then O += P V with P in
-  registers. A consumer waits only on the ring's barriers. No CTA-wide barrier sits in the loop, so each
-  warpgroup's softmax can run while the other issues its GEMMs.
-- ``pingpong=True`` (steps 2 and 3, :func:`_consumer_pingpong`; compiled, **not yet run on a GPU**): the two
-  warpgroups take turns at the tensor cores through a pair of "turn" mbarriers, and each issues S_i = Q K_i^T
-  together with the lagged O += P_(i-1) V_(i-1) before it hands the turn over and runs its softmax. Three stages
-  (224 KB of shared memory at D=128).
-
-The ping-pong consumers also write the next list (each row that keeps a tile sets its flag, as in the Triton
-kernel; the launcher zeroes the flags and compacts them with the Triton kernel's ``compact_flags``) under either
-keep rule, read and write the previous LSE (``lse_state``) and return the LSE: compiled, not yet run on a GPU
-(``bench/gluon_check.py`` compares them with the Triton kernel), and keep must-do tiles (per k-tile and per
-q-tile masks). Not in yet: the bitmask state path. The launcher refuses what is missing (ValueError). Once it is checked against the oracle on the GPU and measured against cuDNN, it joins the backend
-registry as the sm_90 path; the Triton kernel stays the portable one.
+- two **consumers** (4 warps = one warpgroup each: the default partition and a worker) each own 64 of the 128 rows,
+  with the online softmax of ``triton_kernel.py`` (exp2, scale folded in, the ragged last k-tile masked) on
+  asynchronous ``warpgroup_mma``. They meet only at mbarriers, never at a CTA-wide barrier.
+- :func:`_consumer` (step 1, ``PINGPONG=False``): S = Q K^T, softmax, O += P V, in turn. Kept for the step-by-step
+  measurement; it takes no write list.
+- :func:`_consumer_pingpong` (steps 2 and 3, what the backend runs, 3 stages, 224 KB of shared memory at D=128):
+  the two warpgroups take turns at the tensor cores through a pair of "turn" mbarriers, and each issues
+  S_i = Q K_i^T together with the lagged O += P_(i-1) V_(i-1) before it hands the turn over and runs its softmax.
+  Each row that keeps a tile under the keep rule sets its flag (the launcher zeroes the flags and compacts them, or
+  packs them into a state's bitmask), it reads and writes the previous LSE and keeps must-do tiles.
 """
 
 from __future__ import annotations
 
-import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -176,7 +167,7 @@ def _consumer_pingpong(p, which: gl.constexpr):
     waits for its turn, issues S_i = Q K_i^T and O += P_(i-1) V_(i-1) back to back, hands the turn over, waits
     for both, releases stage ``i-1`` (its V was the last use), then runs the softmax of S_i and rescales O. The
     P V product lags one k-tile (intra-warpgroup overlap), so a stage stays in use for two iterations: run it with
-    3 stages. Not yet run on a GPU."""
+    3 stages."""
     (q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob, seq_q, seq_k, num_heads, num_q_tiles,
      num_k_tiles, qk_scale, read_idx_ptr, read_cnt_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn,
      flags_ptr, threshold_ptr, lse_ptr, lse_state_ptr, must_k_ptr, must_q_ptr, CRITERION) = p
@@ -325,123 +316,3 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_ptr, stride_os, stride_oh, stride_ob,
             (_consumer, (p, 1)),
             (_producer, (p, 0)),
         ], [4, 1], [240, 24])
-
-
-def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Host TMA descriptors over the (B*S, H*D) views of (B, S, H, D) inputs (contiguous rows, 16-byte aligned)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
-    out = []
-    for x, block in ((q, [ROWS_PER_CONSUMER.value, q.shape[-1]]), (k, [block_n, k.shape[-1]]), (v, [block_n, v.shape[-1]])):
-        B, S, H, D = x.shape
-        view = x.as_strided((B * S, H * D), (x.stride(1), 1))
-        out.append(TensorDescriptor(view, list(view.shape), list(view.stride()), block,
-                                    gl.NVMMASharedLayout.get_default_for(block, dtype)))
-    return out
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read=None, write=None, *, threshold: float = -10.0,
-              criterion: str = "max", lse_state=None, return_lse: bool = False, must_do_k=None, must_do_q=None,
-              scale=None, block_n: int = 128, stages: int = 2, pingpong: bool = False, out=None):
-    """``out (B, Sq, H, D)`` of dense attention, or over a read list (``SkipList`` with 128-row q-tiles and
-    ``block_n``-wide k-tiles). CUDA, sm_90, fp16/bf16, contiguous (B, S, H, D), D = V's D in {64, 128}. ``out``:
-    a contiguous buffer like ``q`` to write into (checks poison it first). ``pingpong``: the consumers of
-    :func:`_consumer_pingpong` (steps 2-3; use ``stages=3``).
-
-    With ``pingpong`` only (not yet run on a GPU): ``write`` (a ``SkipList`` of the read list's shape) receives the
-    tiles the keep rule ``criterion`` ("max" or "mass") keeps at ``threshold`` (flags, compacted by the Triton
-    kernel's ``compact_flags``); ``lse_state`` (float32 (B, H, Sq)) is read as the previous call's LSE and
-    overwritten with this call's; ``return_lse`` returns ``(out, lse)``; ``must_do_k`` / ``must_do_q``: bool masks
-    per k-tile / q-tile (as ``lite_attention`` builds them from token ranges) whose tiles the write list always
-    keeps."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
-        raise ValueError("the Gluon kernel runs on Hopper (sm_90) CUDA devices only")
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"the Gluon kernel takes float16 or bfloat16 q, k, v of one dtype, got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
-    B, Sq, H, D = q.shape
-    Sk = k.shape[1]
-    if D not in (64, 128) or v.shape[-1] != D or k.shape != (B, Sk, H, D) or v.shape != k.shape:
-        raise ValueError(f"the Gluon kernel takes q (B, Sq, H, D), k and v (B, Sk, H, D) with D in (64, 128), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not all(x.is_contiguous() for x in (q, k, v)):
-        raise ValueError("the Gluon kernel takes contiguous q, k, v")
-    num_q_tiles, num_k_tiles = triton.cdiv(Sq, TILE_Q), triton.cdiv(Sk, block_n)
-    idx = cnt = None
-    if read is not None:
-        if (read.tile_q, read.tile_k) != (TILE_Q, block_n) or tuple(read.shape) != (B, H, num_q_tiles, num_k_tiles):
-            raise ValueError(f"read list of tiles ({read.tile_q}, {read.tile_k}) and shape {tuple(read.shape)}; "
-                             f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
-                             f"{(B, H, num_q_tiles, num_k_tiles)}")
-        idx, cnt = read.kv_indices, read.kv_counts
-    if (write is not None or lse_state is not None or return_lse or must_do_k is not None or must_do_q is not None
-            ) and not pingpong:
-        raise ValueError("write lists, must-do tiles and LSEs are in the ping-pong consumers only: pass pingpong=True")
-    for name, mask, n in (("must_do_k", must_do_k, num_k_tiles), ("must_do_q", must_do_q, num_q_tiles)):
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,) or mask.device != q.device):
-            raise ValueError(f"{name} must be a bool tensor of shape ({n},) on {q.device}, one entry per tile")
-    if criterion not in ("max", "mass"):
-        raise ValueError(f"criterion must be 'max' or 'mass', got {criterion!r}")
-    flags = thr = lse = None
-    if write is not None:
-        if (write.tile_q, write.tile_k) != (TILE_Q, block_n) or tuple(write.shape) != (B, H, num_q_tiles, num_k_tiles):
-            raise ValueError(f"write list of tiles ({write.tile_q}, {write.tile_k}) and shape {tuple(write.shape)}; "
-                             f"this call needs tiles ({TILE_Q}, {block_n}) and shape "
-                             f"{(B, H, num_q_tiles, num_k_tiles)}")
-        flags = write.kv_indices
-        flags.zero_()  # both consumers set flags in one row: zeroed before the launch, not by a program
-        thr = torch.tensor(float(threshold), dtype=torch.float32, device=q.device)
-    if lse_state is not None and (lse_state.shape != (B, H, Sq) or lse_state.dtype != torch.float32
-                                  or not lse_state.is_contiguous() or lse_state.device != q.device):
-        raise ValueError(f"lse_state must be a contiguous float32 (B, H, Sq) = {(B, H, Sq)} tensor on {q.device}")
-    if return_lse:
-        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
-    q_desc, k_desc, v_desc = descriptors(q, k, v, block_n)
-    scale = D ** -0.5 if scale is None else scale
-    _attn_fwd_ws[(num_q_tiles, B * H)](
-        q_desc, k_desc, v_desc, out, out.stride(1), out.stride(2), out.stride(0), Sq, Sk, H, num_q_tiles,
-        num_k_tiles, scale * 1.4426950408889634, idx, cnt, flags, thr, lse, lse_state,
-        None if must_do_k is None else must_do_k.view(torch.uint8),
-        None if must_do_q is None else must_do_q.view(torch.uint8), STAGES=stages,
-        PINGPONG=bool(pingpong), CRITERION=0 if criterion == "max" else 1, num_warps=4, maxnreg=168)
-    if write is not None:
-        from .triton_kernel import compact_flags
-
-        compact_flags[(B * H * num_q_tiles,)](write.kv_indices, write.kv_counts, num_k_tiles,
-                                              NK_POW2=triton.next_power_of_2(num_k_tiles), num_warps=4)
-    return (out, lse) if return_lse else out
-
-
-def compile_for_sm90(head_dim: int = 128, lists: bool = False, pingpong: bool = False, stages: int = None,
-                     write: bool = False, criterion: int = 0, lse: bool = False, must_do: bool = False):
-    """Compile the kernel for sm_90 without a GPU (Triton's own ptxas), for checks and register/shared-memory
-    reports: returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.metadata.shared``). Triton's interpreter must be
-    off in this process (``TRITON_INTERPRET`` unset when triton was imported), or Gluon cannot call Triton's
-    standard functions."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    x = torch.zeros(1, 256, 2, head_dim, dtype=torch.bfloat16)
-    q_desc, k_desc, v_desc = descriptors(x, x, x, 128)
-    signature = {"q_desc": mangle_type(q_desc), "k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc),
-                 "o_ptr": "*bf16", "stride_os": "i32", "stride_oh": "i32", "stride_ob": "i32", "seq_q": "i32",
-                 "seq_k": "i32", "num_heads": "i32", "num_q_tiles": "i32", "num_k_tiles": "i32", "qk_scale": "fp32",
-                 "read_idx_ptr": "*i32" if lists else "constexpr", "read_cnt_ptr": "*i32" if lists else "constexpr",
-                 "flags_ptr": "*i32" if write else "constexpr", "threshold_ptr": "*fp32" if write else "constexpr",
-                 "lse_ptr": "*fp32" if lse else "constexpr", "lse_state_ptr": "*fp32" if lse else "constexpr",
-                 "must_k_ptr": "*u8" if must_do else "constexpr", "must_q_ptr": "*u8" if must_do else "constexpr",
-                 "STAGES": "constexpr", "PINGPONG": "constexpr", "CRITERION": "constexpr"}
-    constants = {"STAGES": stages or (3 if pingpong else 2), "PINGPONG": bool(pingpong), "CRITERION": criterion}
-    for name, given in (("read_idx_ptr", lists), ("read_cnt_ptr", lists), ("flags_ptr", write),
-                        ("threshold_ptr", write), ("lse_ptr", lse), ("lse_state_ptr", lse), ("must_k_ptr", must_do),
-                        ("must_q_ptr", must_do)):
-        if not given:
-            constants[name] = None
-    source = GluonASTSource(_attn_fwd_ws, signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
