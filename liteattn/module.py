@@ -38,7 +38,7 @@ class LiteAttention:
             one-element tensor.
         max_batch_size: largest batch accepted (as in the reference implementation).
         tile_q, tile_k: skip-tile sizes in tokens (multiples of 16; 64 or 128 on CUDA unless ``backend="torch"``).
-        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
+        backend: ``"triton"``, ``"gluon"`` (Hopper), ``"torch"`` or ``None`` (automatic).
         criterion: the keep rule (:mod:`liteattn.criteria`), default ``"max"`` as in the reference; ``"mass"``
             keeps a tile on which some query row put more than ``2**threshold`` of its attention in the previous
             call.

@@ -102,7 +102,7 @@ def enable(pipe_or_transformer, threshold: Optional[Threshold] = None, *, warmup
             thresholds from a calibration run of this pipeline; excludes ``threshold`` and ``target_error``.
         measure_error: record each layer call's attention error against dense (one extra dense pass per call),
             for any threshold or profile: ``handle.calibration_summary()`` then reports it.
-        backend: ``"triton"``, ``"torch"`` or ``None`` (automatic).
+        backend: ``"triton"``, ``"gluon"`` (Hopper), ``"torch"`` or ``None`` (automatic).
         scheduler: for a bare transformer, the scheduler of your sampling loop: steps are then read from it, with
             no host sync per call (a pipeline's own scheduler is used by itself).
 
