@@ -164,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--quiet", action="store_true", help="no progress bar")
     de.add_argument("--verbose", action="store_true", help="liteattn's log messages")
     de.set_defaults(func=lambda a: __import__("liteattn.demo.run", fromlist=["main"]).main(a))
-    be = sub.add_parser("bench", help="time the Triton kernel against cuDNN/flash SDPA and FlexAttention (CUDA)",
+    be = sub.add_parser("bench", help="time liteattn's kernels against cuDNN/flash SDPA and FlexAttention (CUDA), "
+                                      "with issue 12's targets met or not",
                         formatter_class=_Formatter)
     be.add_argument("--shapes", default="all", help="comma-separated names from liteattn.bench.SHAPES, or 'all'")
     be.add_argument("--sparsities", default="0,0.25,0.5,0.75,0.9", help="fractions of tiles skipped")
+    be.add_argument("--kernels", default="auto",
+                    help="comma-separated liteattn kernels from liteattn.bench.KERNELS (gluon, triton), or 'auto': "
+                         "gluon,triton where the Gluon (Hopper) kernel is available, else triton")
     be.add_argument("--seed", type=int, default=0, help="random seed")
     be.add_argument("--json", default="bench_results.json", help="where to write the rows ('' to skip)")
     be.set_defaults(func=lambda a: __import__("liteattn.bench", fromlist=["main"]).main(a))
