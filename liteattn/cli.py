@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_example)
     from .demo import DEFAULT_NUM_PROMPTS, DEFAULT_STEPS, DEFAULT_THRESHOLD  # constants only: no torch import
 
-    de = sub.add_parser("demo", help="sample the shipped tiny video model with full attention, then with liteattn; "
+    de = sub.add_parser("demo", help="sample a shipped video model with full attention, then with liteattn; "
                                      "write a GIF, sparsity plots and a report", formatter_class=_Formatter)
     de.add_argument("--threshold", type=threshold_value, default=DEFAULT_THRESHOLD, help="log2 units, <= 0, or -inf")
     de.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
     de.add_argument("--tile", type=int, default=128, help="skip-tile size in tokens (tile_q = tile_k)")
     de.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    de.add_argument("--weights", default=None, help="safetensors file (default: the shipped model)")
+    de.add_argument("--model", choices=("small", "large"), default=None,
+                    help="which shipped model: small (16 frames of 64x64, 4096 tokens) or large (frames of 128x128, "
+                         "as many as its weights file says: 32 as shipped, 32768 tokens). Default: large on CUDA when "
+                         "its weights file is installed, else small (always small on the CPU)")
+    de.add_argument("--weights", default=None,
+                    help="a demo model's safetensors file instead of a shipped one; its metadata says which model it "
+                         "is, so --weights wins and --model is ignored (with a note)")
     de.add_argument("--quiet", action="store_true", help="no progress bar")
     de.add_argument("--verbose", action="store_true", help="liteattn's log messages")
     de.set_defaults(func=lambda a: __import__("liteattn.demo.run", fromlist=["main"]).main(a))

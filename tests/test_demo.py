@@ -83,6 +83,9 @@ def test_demo_writes_every_file_and_a_sane_report(tmp_path, capsys):
         assert 0 < report[mode]["attention_seconds"] <= report[mode]["total_seconds"]
     table = capsys.readouterr().out
     assert "PSNR dB" in table and "sparsity" in table
+    # The CPU's default is the small model, and the first line says so.
+    assert table.splitlines()[0].startswith("liteattn demo: small model (16 frames of 64x64, 4096 tokens), ")
+    assert report["model"] == "small" and report["video"] == {"frames": 16, "size": 64, "tokens": 4096}
 
 
 @pytest.mark.parametrize("options, named", [
@@ -148,7 +151,7 @@ def test_bad_device_names_the_option_whatever_torch_raises(error, monkeypatch, t
 @pytest.mark.parametrize("heads, tile", [(4, 128), (4, 64), (1, 128), (0, 128)])
 def test_skip_mask_figure_keeps_every_label_inside(heads, tile):
     """skip_mask.png used to cut off its "key tile" axis labels at the bottom."""
-    from liteattn.demo.run import mask_figure
+    from liteattn.demo.pictures import mask_figure
 
     mq = data.FRAMES * data.SIZE * data.SIZE // 16 // tile
     mask = torch.rand(heads, mq, mq) > 0.1 if heads else None  # 0: a layer without skip state
@@ -176,7 +179,7 @@ def _gif_frames(path):
 
 def test_gif_rows_are_labelled_with_their_prompts(tmp_path):
     """Each row of demo.gif sits under a band with its prompt's text (wrapped to the row's width)."""
-    from liteattn.demo.run import LINE_HEIGHT, write_gif
+    from liteattn.demo.pictures import LINE_HEIGHT, write_gif
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.rand(2, 3, 2, 16, 16, generator=gen) * 2 - 1
@@ -208,11 +211,65 @@ def test_demo_gif_has_one_band_per_prompt(tmp_path):
     """`liteattn demo` writes its prompts above the GIF's rows (one step, one prompt: the cheapest run)."""
     out = tmp_path / "demo"
     prompts = ["red circle moving right"]
-    assert main(["demo", "--steps", "1", "--prompts", *prompts, "--guidance", "1", "--device", "cpu",
-                 "--out", str(out), "--quiet"]) == 0
-    from liteattn.demo.run import LINE_HEIGHT
+    assert main(["demo", "--model", "small", "--steps", "1", "--prompts", *prompts, "--guidance", "1", "--device",
+                 "cpu", "--out", str(out), "--quiet"]) == 0
+    from liteattn.demo.pictures import LINE_HEIGHT
 
     frame = _gif_frames(out / "demo.gif")[0]
     assert frame.shape[0] == LINE_HEIGHT + (LINE_HEIGHT + 2) + data.SIZE * 2
     band = frame[LINE_HEIGHT:2 * LINE_HEIGHT + 2]
     assert (band.max(axis=2) > 100).mean() > 0.01
+
+
+# -- which model: --model small|large, --weights (issue 14, item 2) -----------------------------------------------
+
+def test_default_model_is_large_only_on_cuda_with_its_weights_installed():
+    from liteattn.demo.run import default_model
+
+    assert default_model("cuda", True) == "large"
+    assert default_model(torch.device("cuda:1"), True) == "large"
+    assert default_model("cuda", False) == "small"
+    assert default_model("cpu", True) == "small"
+    assert default_model(torch.device("cpu"), False) == "small"
+
+
+def _demo_args(tmp_path, **options):
+    import argparse
+
+    values = dict(threshold=-6.0, steps=1, guidance=1.0, seed=0, tile=128, prompts=None, num_prompts=1, device="cpu",
+                  out=str(tmp_path / "never"), model=None, weights=None)
+    return argparse.Namespace(**{**values, **options})
+
+
+def test_model_choice_without_the_large_weights(tmp_path, monkeypatch, capsys):
+    """Without --model the CPU runs the small model; --model large without its file stops before anything is
+    written, with a message that names the file and says how to get it."""
+    from liteattn.demo import model as models
+    from liteattn.demo import run
+
+    missing = tmp_path / "weights" / "wan_large.safetensors"
+    monkeypatch.setattr(models, "WEIGHTS_LARGE", missing)
+    assert run._checked_arguments(_demo_args(tmp_path))[3] == ("small", WEIGHTS)
+    assert run._checked_arguments(_demo_args(tmp_path, model="small"))[3] == ("small", WEIGHTS)
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--model", "large", "--device", "cpu", "--quiet", "--out", str(tmp_path / "never")])
+    message = str(info.value.code)
+    assert message.startswith("liteattn demo: --model large: ") and str(missing) in message, message
+    assert "--export-frames 32" in message and "--weights PATH" in message
+    assert not (tmp_path / "never").exists()
+    # With the file in place, --model large picks it (on the CPU too; the warning comes once the model is loaded).
+    missing.parent.mkdir()
+    missing.write_bytes(b"")
+    assert run._checked_arguments(_demo_args(tmp_path, model="large"))[3] == ("large", missing)
+    assert capsys.readouterr().err == ""
+
+
+def test_weights_wins_over_model_with_a_note(tmp_path, capsys):
+    from liteattn.demo import run
+
+    path = str(tmp_path / "mine.safetensors")
+    assert run._checked_arguments(_demo_args(tmp_path, weights=path))[3] == (None, tmp_path / "mine.safetensors")
+    assert capsys.readouterr().err == ""
+    assert run._checked_arguments(_demo_args(tmp_path, weights=path, model="large"))[3][0] is None
+    note = capsys.readouterr().err.strip()
+    assert note == f"liteattn demo: --model large ignored: --weights {path} decides the model", note

@@ -8,6 +8,7 @@
 - :mod:`liteattn.demo.sample`: ``FlowMatchEulerDiscreteScheduler`` sampling with classifier-free guidance.
 - :mod:`liteattn.demo.train`: the training script (flow matching, time-limited runs that resume).
 - :mod:`liteattn.demo.run`: the demo command and :func:`~liteattn.demo.run.compare`, the quality measurement.
+- :mod:`liteattn.demo.pictures`: the demo's GIF and skip-mask figure, at the model's clip shape.
 """
 
 # Chosen from the quality table in bench/RESULTS.md ("Demo model quality").

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -98,11 +98,23 @@ def load_checkpoint(folder, model: TinyWan, optimizer, device) -> tuple:
     return ema, state
 
 
-def export_weights(checkpoint, weights_path) -> None:
-    """The checkpoint's EMA weights as the shipped float16 safetensors file."""
+def export_weights(checkpoint, weights_path, frames: Optional[int] = None) -> None:
+    """The checkpoint's EMA weights as the shipped float16 safetensors file.
+
+    ``frames``: the clip length the exported model samples (its ``video`` metadata, which ``load_model`` and
+    ``liteattn demo`` follow) instead of the one it was trained on; the weights fit any length (3-D RoPE). The
+    large model trains on 16-frame clips and ships at 32, where its attention is sparser. The metadata keeps the
+    training length as ``trained_frames``.
+    """
     checkpoint = pathlib.Path(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
     model = build_model(state.get("config", CONFIG), state.get("text"), state.get("video"))
     model.load_state_dict({k: v.float() for k, v in _load_split(checkpoint, "ema").items()})
-    save_weights(model, weights_path, dtype=torch.float16,
-                 metadata={"step": state["step"], "train_seconds": round(state["train_seconds"], 1)})
+    metadata = {"step": state["step"], "train_seconds": round(state["train_seconds"], 1)}
+    if frames is not None:
+        if frames < 1 or frames % model.config["patch_size"][0]:
+            raise ValueError(f"frames must be a positive multiple of the temporal patch "
+                             f"{model.config['patch_size'][0]}, got {frames}")
+        metadata["trained_frames"] = model.video_shape[0]
+        model.video["frames"] = int(frames)
+    save_weights(model, weights_path, dtype=torch.float16, metadata=metadata)

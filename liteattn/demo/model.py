@@ -9,8 +9,10 @@ The transformer works directly on RGB videos in [-1, 1]: patch size (1, 4, 4) tu
 16 x 16 x 16 = 4096 tokens of 4 heads x 64 channels. Its "text encoder" is an ``nn.Embedding`` over the fixed
 prompt vocabulary of :mod:`liteattn.demo.data`, trained with it and shipped in the same file.
 
-The large model (``load_large()``, ``weights/wan_large.safetensors``) is the same transformer class and size on
-16 frames of 128x128 textured videos (:mod:`liteattn.demo.textured`): 16384 tokens. Its prompt encoder gives each
+The large model (``load_large()``, ``weights/wan_large.safetensors``) is the same transformer class and size,
+trained on 16 frames of 128x128 textured videos (:mod:`liteattn.demo.textured`): 16384 tokens. Its weights file
+says the clip it samples (``video_shape``): the shipped file is exported at 32 frames, 32768 tokens
+(``python -m liteattn.demo.train --export CHECKPOINT --export-frames 32``). Its prompt encoder gives each
 token its position: token embedding + learned position embedding, then two small pre-norm transformer layers over
 the 16 prompt tokens, so "red circle ..., blue square ..." and "red square ..., blue circle ..." differ::
 
@@ -19,7 +21,7 @@ the 16 prompt tokens, so "red circle ..., blue square ..." and "red square ..., 
     from liteattn.demo import data
     model = load_large(device="cuda", dtype=torch.bfloat16)
     videos = sample(model, data.tokenize(["red circle moving right, blue square moving down"]), steps=30)
-    # (1, 3, 16, 128, 128) in [-1, 1]
+    # (1, 3, frames, 128, 128) in [-1, 1]: model.video_shape
 
 A weights file's safetensors metadata holds ``config`` (the transformer's), and for the large model ``text`` (the
 prompt encoder's layers and heads) and ``video`` (frames, size and the data set); files without them are the

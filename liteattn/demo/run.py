@@ -1,12 +1,17 @@
-"""``liteattn demo``: the shipped model sampled twice from the same seeds, full attention then liteattn.
+"""``liteattn demo``: a shipped model sampled twice from the same seeds, full attention then liteattn.
 
     liteattn demo --out liteattn_demo                 # CPU: a few minutes; CUDA: seconds
+    liteattn demo --model large                       # the large model (the default on CUDA when it is installed)
     liteattn demo --threshold -6 --steps 30 --prompts "red circle moving left" "blue square moving up"
 
 Writes to ``--out``: ``demo.gif`` (per prompt, under its text: dense | liteattn | |difference| x8),
 ``sparsity.png`` (per denoising step, each layer and the mean), ``skip_mask.png`` (one layer's computed tiles at
 the last step, each head) and ``report.json``; prints the same numbers as a table. :func:`compare` is the
 measurement behind both the demo and ``bench/demo_quality.py``.
+
+Which model: ``--weights PATH`` runs that file (its metadata says what it is; ``--model`` is then ignored, with a
+note); else ``--model small|large``, by default :func:`default_model`. The pictures (:mod:`liteattn.demo.pictures`)
+and the sampling take the model's own clip shape (``model.video_shape``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -22,13 +28,12 @@ import torch
 
 from . import DEFAULT_CRITERION, data
 from .metrics import psnr, ssim
-from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, make_scheduler, sample, to_uint8
+from .pictures import write_gif, write_mask_png
+from .sample import DEFAULT_PROMPTS, GUIDANCE, AttentionTimer, make_scheduler, sample
 
-__all__ = ["run_dense", "run_liteattn", "compare", "main"]
+__all__ = ["run_dense", "run_liteattn", "compare", "default_model", "main"]
 
-AMPLIFY = 8  # the difference panel shows |liteattn - dense| times this
-LINE_HEIGHT = 14  # pixels per line of text in the GIF (PIL's default font)
-
+MODELS = ("small", "large")
 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
@@ -123,119 +128,41 @@ def compare(model, prompts: Sequence[str], thresholds: Sequence[float], *, steps
     return {"dense": dense, "liteattn": runs}
 
 
-def _text_band(lines: Sequence[str], width: int, height: int):
-    """A black ``(height, width, 3)`` uint8 band with ``lines`` of light text, one under the other."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    band = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    for n, line in enumerate(lines):
-        draw.text((3, 1 + n * LINE_HEIGHT), line, fill=(255, 214, 120))  # amber: not the column labels
-    return np.asarray(band)
+def default_model(device, large_available: bool) -> str:
+    """The model ``liteattn demo`` runs without ``--model`` or ``--weights``: ``"large"`` on CUDA when its weights file
+    is installed (``large_available``), else ``"small"``; on the CPU always ``"small"``."""
+    return "large" if torch.device(device).type == "cuda" and large_available else "small"
 
 
-def _wrap(text: str, width: int) -> list:
-    """``text`` broken at spaces into lines that fit ``width`` pixels in PIL's default font (a word longer than
-    the width gets a line of its own)."""
-    from PIL import Image, ImageDraw
+def _chosen_weights(args, device, fail) -> tuple:
+    """``(name, path)``: ``name`` is ``"small"``, ``"large"`` or ``None`` for ``--weights`` (which wins over
+    ``--model``: a note says so when both are given)."""
+    from . import model as models  # (looked up at call time: tests move WEIGHTS_LARGE)
 
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines: list = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}") <= width - 6:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def _labelled(frames, labels: Sequence[str], width: int):
-    """``frames (T, H, W, 3)`` uint8 numpy with a header row of ``labels``, one per panel of ``width`` pixels."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    header = Image.new("RGB", (frames.shape[2], LINE_HEIGHT), (0, 0, 0))
-    draw = ImageDraw.Draw(header)
-    for i, label in enumerate(labels):
-        draw.text((i * width + 3, 1), label, fill=(230, 230, 230))
-    header = np.asarray(header)[None].repeat(frames.shape[0], axis=0)
-    return np.concatenate([header, frames], axis=1)
+    name, weights = getattr(args, "model", None), getattr(args, "weights", None)
+    if weights is not None:
+        if name is not None:
+            print(f"liteattn demo: --model {name} ignored: --weights {weights} decides the model", file=sys.stderr)
+        return None, pathlib.Path(weights)
+    large = pathlib.Path(models.WEIGHTS_LARGE)
+    name = name or default_model(device, large.is_file())
+    if name not in MODELS:
+        fail(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
+    if name == "large" and not large.is_file():
+        fail(f"--model large: the large model's weights file is not installed ({large}). Install a liteattn version "
+             f"that ships it, or export it from a training checkpoint: python -m liteattn.demo.train --export "
+             f"CHECKPOINT --export-frames 32 --weights {large}; or run any demo weights file with --weights PATH")
+    return name, large if name == "large" else pathlib.Path(models.WEIGHTS)
 
 
-def write_gif(path, dense: torch.Tensor, lite: torch.Tensor, threshold: float, scale: int = 2,
-              prompts: Optional[Sequence[str]] = None) -> None:
-    """Per prompt a row: dense | liteattn | |liteattn - dense| x AMPLIFY, upscaled ``scale`` times, under a band
-    with the prompt's text (wrapped to the row's width; every band as tall as the longest)."""
-    import imageio.v2 as imageio
-    import numpy as np
-
-    difference = ((lite - dense).abs() * AMPLIFY - 1).clamp(-1, 1)  # 0 -> black
-    rows = [torch.cat([to_uint8(v[i:i + 1])[0] for v in (dense, lite, difference)], dim=2).numpy()
-            for i in range(dense.shape[0])]  # each (T, H, 3W, 3)
-    rows = [row.repeat(scale, axis=1).repeat(scale, axis=2) for row in rows]
-    if prompts is not None:
-        if len(prompts) != len(rows):
-            raise ValueError(f"{len(prompts)} prompts for {len(rows)} videos")
-        row_width = rows[0].shape[2]
-        wrapped = [_wrap(prompt, row_width) for prompt in prompts]
-        height = LINE_HEIGHT * max(len(lines) for lines in wrapped) + 2
-        bands = [_text_band(lines, row_width, height)[None].repeat(row.shape[0], axis=0)
-                 for lines, row in zip(wrapped, rows)]
-        rows = [part for band, row in zip(bands, rows) for part in (band, row)]
-    frames = np.concatenate(rows, axis=1)
-    width = dense.shape[-1] * scale
-    frames = _labelled(frames, ["dense", f"liteattn {threshold:g}", f"|diff| x{AMPLIFY}"], width)
-    imageio.mimsave(str(path), list(np.ascontiguousarray(frames)), duration=0.125, loop=0)
-
-
-def mask_figure(mask: Optional[torch.Tensor], layer: int, threshold: float, tile: int):
-    """The figure of :func:`write_mask_png` (a matplotlib ``Figure`` on an Agg canvas). Its margins are fixed in
-    inches, wide enough for the tick labels, axis labels and titles, so everything lies inside it."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    heads = mask.shape[0] if mask is not None else 1
-    title = textwrap.wrap(f"blocks.{layer}.attn1 at the last step, threshold {threshold:g}: black = computed "
-                          f"({tile}x{tile}-token tiles; orange lines: frames)", width=55 * heads)
-    # Margins in inches: left for the y tick labels and "query tile", bottom for the x tick labels and "key tile"
-    # (tight_layout with these aspect-locked images cut "key tile" off), top for the panel titles and the title.
-    left, right, bottom, top, gap = 0.7, 0.15, 0.6, 0.45 + 0.2 * len(title), 0.25
-    width = 3.2 * heads
-    side = (width - left - right) / (heads + gap * (heads - 1))  # of each (square) panel
-    height = side + bottom + top
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=gap)
-    axes = fig.subplots(1, heads, squeeze=False)[0]
-    tiles_per_frame = data.SIZE * data.SIZE // 16 / tile  # 4x4 patches: 256 tokens a frame
-    for h, ax in enumerate(axes):
-        if mask is None:
-            ax.text(0.5, 0.5, "no skip state (dense)", ha="center", va="center")
-            ax.set_axis_off()
-            continue
-        ax.imshow(mask[h].float().numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"head {h}: {1 - mask[h].float().mean().item():.0%} skipped", fontsize="small")
-        ax.set_xlabel("key tile")
-        if h == 0:
-            ax.set_ylabel("query tile")
-        if tiles_per_frame >= 1:  # frame boundaries
-            for f in range(1, data.FRAMES):
-                ax.axhline(f * tiles_per_frame - 0.5, color="tab:orange", linewidth=0.5)
-                ax.axvline(f * tiles_per_frame - 0.5, color="tab:orange", linewidth=0.5)
-    fig.suptitle("\n".join(title), fontsize="small", y=1 - 0.08 / height, va="top")
-    return fig
-
-
-def write_mask_png(path, mask: Optional[torch.Tensor], layer: int, threshold: float, tile: int) -> None:
-    """Heatmap of the computed tiles (one panel per head) of one layer at the last step."""
-    mask_figure(mask, layer, threshold, tile).savefig(str(path), format="png")
+def _clip(model) -> dict:
+    """The model's clip: ``frames``, ``size``, ``tokens`` and, after patching, ``latent_frames`` and
+    ``tokens_per_frame``."""
+    frames, size = model.video_shape
+    pt, ph, pw = model.config["patch_size"]
+    per_frame = (size // ph) * (size // pw)
+    return dict(frames=frames, size=size, latent_frames=frames // pt, tokens_per_frame=per_frame,
+                tokens=frames // pt * per_frame)
 
 
 def _require_demo_dependencies() -> None:
@@ -248,7 +175,8 @@ def _require_demo_dependencies() -> None:
 
 
 def _checked_arguments(args):
-    """``(device, prompts, out folder)`` from the command's options; a bad option exits with a message naming it."""
+    """``(device, prompts, out folder, (model name, weights path))`` from the command's options (name ``None`` for
+    ``--weights``); a bad option exits with a message naming it."""
 
     def fail(message: str):
         raise SystemExit(f"liteattn demo: {message}")
@@ -295,7 +223,7 @@ def _checked_arguments(args):
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a folder")
-    return device, prompts, out
+    return device, prompts, out, _chosen_weights(args, device, fail)
 
 
 def main(args) -> int:
@@ -307,17 +235,24 @@ def main(args) -> int:
 
     from .model import load_model
 
-    device, prompts, out = _checked_arguments(args)  # every bad option fails here, before the model loads
+    device, prompts, out, (name, path) = _checked_arguments(args)  # bad options fail here, before the model loads
     if not args.verbose:  # the handle's "enabled on ..." line would cut through the progress bar
         logging.getLogger("liteattn").setLevel(logging.WARNING)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
-        model = load_model(args.weights, device=device, dtype=dtype)
+        model = load_model(path, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"liteattn demo: --weights: {exc}") from None
+        raise SystemExit(f"liteattn demo: {'--weights' if name is None else '--model ' + name}: {exc}") from None
+    kind = name or ("large" if model.text or model.video.get("data") == "textured" else "small")
+    clip = _clip(model)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"liteattn demo: {len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, threshold "
-          f"{args.threshold:g} (log2), {device} {str(dtype).replace('torch.', '')}, seed {args.seed}")
+    print(f"liteattn demo: {kind} model{'' if name else f' from {path}'} ({clip['frames']} frames of {clip['size']}x"
+          f"{clip['size']}, {clip['tokens']} tokens), {len(prompts)} prompts, {args.steps} steps, guidance "
+          f"{args.guidance}, threshold {args.threshold:g} (log2), {device} {str(dtype).replace('torch.', '')}, "
+          f"seed {args.seed}")
+    if kind == "large" and device.type == "cpu":
+        print(f"liteattn demo: warning: the large model samples {clip['tokens']} tokens a clip, which takes very long "
+              f"on a CPU (--model small is the CPU's default)", file=sys.stderr, flush=True)
     started = time.perf_counter()
     calls = 2 if args.guidance != 1.0 else 1
     with tqdm(total=2 * args.steps, unit="step", desc="dense, then liteattn", disable=args.quiet) as bar:
@@ -325,14 +260,19 @@ def main(args) -> int:
                          warmup=device.type == "cuda", masks=True, plot_path=out / "sparsity.png",
                          progress=bar, tile_q=args.tile, tile_k=args.tile)
     dense, lite = result["dense"], result["liteattn"][0]
-    write_gif(out / "demo.gif", dense["videos"], lite["videos"], args.threshold, prompts=prompts)
+    write_gif(out / "demo.gif", dense["videos"], lite["videos"], args.threshold, prompts=prompts,
+              scale=max(1, round(128 / clip["size"])))  # panels of about 128 pixels: the small model's doubled
     # The heatmap shows the block that skipped most at the last step (a dense one would be a black square).
     last_step = {i: lite["stats"]["steps"][-1]["layers"].get(f"transformer.blocks.{i}.attn1", 0.0)
                  for i in range(len(model.transformer.blocks))}
     mask_layer = max(last_step, key=lambda i: (last_step[i], -i))
-    write_mask_png(out / "skip_mask.png", lite["masks"].get(mask_layer), mask_layer, args.threshold, args.tile)
+    write_mask_png(out / "skip_mask.png", lite["masks"].get(mask_layer), mask_layer, args.threshold, args.tile,
+                   frames=clip["latent_frames"], tokens_per_frame=clip["tokens_per_frame"])
     stats = lite["stats"]
     report = {
+        "model": kind,
+        "weights": str(path),
+        "video": {key: clip[key] for key in ("frames", "size", "tokens")},
         "threshold": args.threshold if math.isfinite(args.threshold) else str(args.threshold),
         "steps": args.steps,
         "guidance": args.guidance,

@@ -4,6 +4,7 @@
     python -m liteattn.demo.train --resume ckpt --out ckpt2 --time-limit 480  # continue it
     python -m liteattn.demo.train --export ckpt2 --weights liteattn/demo/weights/tiny_wan.safetensors
     python -m liteattn.demo.train --model large --out .ckpt/large --time-limit 330   # the large model (GPU)
+    python -m liteattn.demo.train --export .ckpt/large --export-frames 32 --weights liteattn/demo/weights/wan_large.safetensors
 
 Flow matching as diffusers' ``FlowMatchEulerDiscreteScheduler`` samples it: ``x_t = (1 - s) x0 + s noise`` at
 ``timestep = 1000 s``, and the model predicts ``noise - x0``. Training sigmas are logit-normal, warped by the same
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", help="checkpoint folder to continue from")
     p.add_argument("--export", help="checkpoint folder whose EMA weights to write to --weights, then exit")
     p.add_argument("--weights", help="where --export writes the float16 safetensors")
+    p.add_argument("--export-frames", type=int, default=None,
+                   help="with --export: the clip length the exported model samples (its metadata; default: the "
+                        "checkpoint's). The large model ships at 32 frames, trained on 16")
     p.add_argument("--time-limit", type=float, default=480.0, help="seconds of training in this run")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no limit)")
     p.add_argument("--planned-seconds", type=float, default=960.0,
@@ -215,8 +219,14 @@ def main(argv=None) -> int:
     p.add_argument("--samples", help="write a GIF of EMA samples here at the end")
     args = p.parse_args(argv)
 
+    if args.export_frames is not None and not args.export:
+        p.error("--export-frames is for --export")
     if args.export:
-        export_weights(args.export, args.weights)
+        if not args.weights:
+            p.error("--export needs --weights (the file to write)")
+        if args.export_frames is not None and args.export_frames < 1:
+            p.error(f"--export-frames must be at least 1, got {args.export_frames}")
+        export_weights(args.export, args.weights, frames=args.export_frames)
         print(f"wrote {args.weights} ({os.path.getsize(args.weights) / 1e6:.1f} MB)")
         return 0
     if not args.out:
