@@ -80,7 +80,7 @@ def example_dtype(dtype: Optional[str], backend: Optional[str], device_type: str
     CUDA, else float32."""
     if dtype is not None:
         return dtype
-    return "bfloat16" if backend == "triton" or device_type == "cuda" else "float32"
+    return "bfloat16" if backend in ("triton", "gluon") or device_type == "cuda" else "float32"
 
 
 def _example(args) -> int:
@@ -102,8 +102,8 @@ def _example(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     dtype = example_dtype(args.dtype, args.backend, device.type)
-    if args.backend == "triton" and dtype not in ("float16", "bfloat16"):
-        fail(f"--dtype {dtype}: the Triton kernel takes float16 or bfloat16")
+    if args.backend in ("triton", "gluon") and dtype not in ("float16", "bfloat16"):
+        fail(f"--dtype {dtype}: the {args.backend} kernel takes float16 or bfloat16")
     try:
         torch.manual_seed(args.seed)
         attn = LiteAttention(threshold=args.threshold, tile_q=args.tile, tile_k=args.tile, backend=args.backend)
@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tile", type=int, default=64, help="skip-tile size in tokens (tile_q = tile_k)")
     ex.add_argument("--threshold", type=threshold_value, default=-8.0, help="log2 units, <= 0, or -inf")
     ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    ex.add_argument("--backend", default=None, choices=["torch", "triton"],
-                    help="default: automatic (Triton on CUDA, the PyTorch reference elsewhere)")
+    ex.add_argument("--backend", default=None, choices=["torch", "triton", "gluon"],
+                    help="default: automatic (the Gluon kernel on Hopper GPUs with 128-tiles, Triton on other CUDA "
+                         "inputs, the PyTorch reference elsewhere)")
     ex.add_argument("--dtype", default=None, choices=DTYPES,
                     help="default: bfloat16 with --backend triton (the kernel takes float16 or bfloat16) or on CUDA, "
                          "else float32")

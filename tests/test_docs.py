@@ -61,6 +61,7 @@ def test_example_dtype_defaults_follow_the_backend_and_device():
     assert example_dtype(None, None, "cpu") == "float32"
     assert example_dtype(None, "torch", "cpu") == "float32"
     assert example_dtype(None, "triton", "cpu") == "bfloat16"  # the kernel takes float16 / bfloat16 only
+    assert example_dtype(None, "gluon", "cpu") == "bfloat16"
     assert example_dtype(None, None, "cuda") == "bfloat16"
     assert example_dtype("float16", "triton", "cpu") == "float16"
     assert example_dtype("float32", None, "cuda") == "float32"
