@@ -19,7 +19,7 @@ from triton.experimental.gluon import language as gl
 
 from .gluon_hopper import ROWS_PER_CONSUMER, TILE_Q, _attn_fwd_ws
 from .triton_kernel import compact_flags, expand_bits, pack_flags
-from .triton_launch import _rows_view
+from .triton_launch import rows_view
 
 TILE_K = 128
 PINGPONG_STAGES = 3
@@ -34,7 +34,7 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int)
     dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
     out = []
     for x, rows in ((q, ROWS_PER_CONSUMER.value), (k, block_n), (v, block_n)):
-        view, block = _rows_view(x), [rows, x.shape[-1]]
+        view, block = rows_view(x), [rows, x.shape[-1]]
         out.append(TensorDescriptor(view, list(view.shape), list(view.stride()), block,
                                     gl.NVMMASharedLayout.get_default_for(block, dtype)))
     return out

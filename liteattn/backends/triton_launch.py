@@ -11,8 +11,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .triton_kernel import compact_flags, expand_bits, lite_attn_fwd, pack_flags
 
 
-def _rows_view(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H, D) -> a (B*S, H*D) view with unit last stride (a copy only when no such view exists)."""
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> a (B*S, H*D) view with unit last stride (a copy only when no such view exists): the 2-D
+    layout both kernels' TMA descriptors read."""
     B, S, H, D = x.shape
     aligned = x.stride(1) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0
     if not (x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == S * x.stride(1)) and aligned):
@@ -44,7 +45,7 @@ def triton_attention(q, k, v, read_indices, read_counts, write_indices, write_co
     if lse is None and return_lse:
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     int_ph = _placeholder(q.device, torch.int32)
-    q2, k2, v2 = _rows_view(q), _rows_view(k), _rows_view(v)
+    q2, k2, v2 = rows_view(q), rows_view(k), rows_view(v)
     # Block shapes are set per autotune config by the kernel's pre-hook.
     q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [tile_q, D])
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [64, D])
