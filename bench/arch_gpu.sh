@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/liteattn_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=$PWD:/tmp/site
 python3 -c "import torch, diffusers, triton; print(torch.__version__, diffusers.__version__, triton.__version__, torch.cuda.get_device_name())"
-timeout ${TEST_SECONDS:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_diffusers.py \
+timeout ${TEST_SECONDS:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_diffusers_*.py \
     tests/test_compile.py tests/test_joint.py -k "gpu or kernel or compile or merge" 2>&1 | tail -25
 [ "${BENCH:-1}" = 1 ] && for tree in before after; do
   root=$PWD; [ $tree = before ] && root=$PWD/.before

@@ -93,7 +93,8 @@ def build_model(config, device, dtype):
 def enable_parallelism(model, device, **degrees):
     from diffusers import ContextParallelConfig
 
-    if device.type == "cpu":  # diffusers 0.42.1 divides the rank by the accelerator count (tests/test_parallel.py)
+    # diffusers 0.42.1 divides the rank by the accelerator count (tests/test_parallel_distributed.py)
+    if device.type == "cpu":
         with mock.patch.object(torch.accelerator, "device_count", lambda: 1):
             model.enable_parallelism(config=ContextParallelConfig(**degrees))
     else:

@@ -131,7 +131,7 @@ def test_profile_round_trip_and_refusals(tmp_path):
 def test_enable_calibrates_saves_and_runs_the_profile(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import liteattn
-    from test_diffusers import make_local, tiny_wan
+    from test_diffusers_models import make_local, tiny_wan
 
     model, inputs = tiny_wan(layers=2, head_dim=16, frames=4, side=32)
     make_local(model)

@@ -1,4 +1,5 @@
-"""``LiteAttention`` and ``SeqParallelLiteAttention``: state handling over consecutive calls."""
+"""``LiteAttention``: state handling over consecutive calls (both keep rules). ``SeqParallelLiteAttention``:
+test_module_seq_parallel.py; how a call is dispatched: test_module_dispatch.py."""
 
 import logging
 import math
@@ -6,10 +7,10 @@ import math
 import pytest
 import torch
 
-from liteattn import LiteAttention, SeqParallelLiteAttention
+from liteattn import LiteAttention
 from liteattn.state import decode_lse, encode_lse
 from liteattn.testing import StructuredSequence, structured_qkv
-from oracle import check_call, fresh_read, oracle_attention
+from oracle import check_call, fresh_read
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -290,55 +291,6 @@ def test_failed_call_leaves_state_untouched():
     assert same_state(before, state_snapshot(attn))
 
 
-# -- sequence parallel ------------------------------------------------------------------------------
-
-def test_seq_parallel_independent_states():
-    q, k, v = structured_qkv(1, 256, 2, 16, seed=8, sharpness=(1.0, 3.0))
-    shards = [(k[:, :160], v[:, :160]), (k[:, 160:], v[:, 160:])]  # unequal shard lengths
-    sp = SeqParallelLiteAttention(2, threshold=-3.0, tile_q=32, tile_k=32, backend="torch")
-    singles = [LiteAttention(threshold=-3.0, tile_q=32, tile_k=32, backend="torch") for _ in range(2)]
-    for step in range(3):
-        for idx, (ks, vs) in enumerate(shards):
-            out, lse = sp(q, ks, vs, idx, return_softmax_lse=True)
-            ref_out, ref_lse = singles[idx](q, ks, vs, return_softmax_lse=True)
-            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-            assert torch.equal(sp[idx].skip_state.read.to_dense(), singles[idx].skip_state.read.to_dense())
-    assert sp[0].skip_state is not sp[1].skip_state
-    assert sp[0].skip_state.seq_k == 160 and sp[1].skip_state.seq_k == 96
-    assert sp.sparsity == pytest.approx((sp[0].sparsity + sp[1].sparsity) / 2) and sp.sparsity > 0
-    sp.reset_skip_state()
-    assert sp[0].skip_state.read.to_dense().all() and sp[1].skip_state.read.to_dense().all()
-
-
-def test_seq_parallel_merge_equals_full_attention():
-    q, k, v = structured_qkv(1, 200, 2, 16, seed=9, dtype=torch.float64)
-    sp = SeqParallelLiteAttention(2, threshold=-math.inf, tile_q=32, tile_k=32, backend="torch")
-    parts = [sp(q, k[:, a:b], v[:, a:b], i, return_softmax_lse=True) for i, (a, b) in enumerate([(0, 120), (120, 200)])]
-    lses = torch.stack([lse for _, lse in parts])  # (2, B, H, S)
-    total = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - total).permute(0, 1, 3, 2).unsqueeze(-1).to(torch.float64)  # (2, B, S, H, 1)
-    merged = sum(w * o for w, (o, _) in zip(weights, parts))
-    full = oracle_attention(q, k, v, None, threshold=-math.inf, tile_q=32, tile_k=32)
-    torch.testing.assert_close(merged, full.out, rtol=1e-5, atol=1e-6)
-
-
-def test_seq_parallel_validation():
-    sp = SeqParallelLiteAttention(2, backend="torch")
-    q, k, v = structured_qkv(1, 40, 1, 8)
-    for bad in (-1, 2, True, 1.0, None):
-        with pytest.raises(ValueError, match=r"split_idx must be an int in \[0, 2\)"):
-            sp(q, k, v, bad)
-    for bad in (0, -2, 1.5):
-        with pytest.raises(ValueError, match="num_nodes"):
-            SeqParallelLiteAttention(bad)
-    sp.set_threshold(-4.0)
-    assert sp.threshold == -4.0 and all(a.threshold == -4.0 for a in sp.attns)
-    with pytest.raises(ValueError, match="threshold"):
-        sp.set_threshold(1.0)
-    sp.enable_skip_optimization(False)
-    assert not any(a.enable_skipping for a in sp.attns)
-
-
 def test_mass_criterion_keeps_the_previous_lse_in_the_state():
     attn = LiteAttention(threshold=-8.0, tile_q=32, tile_k=32, backend="torch", criterion="mass")
     assert "criterion='mass'" in repr(attn)
@@ -359,115 +311,3 @@ def test_mass_criterion_keeps_the_previous_lse_in_the_state():
     assert torch.isnan(attn.skip_state.lse).all()  # a new run has no previous call
     with pytest.raises(ValueError, match="criterion"):
         LiteAttention(criterion="sum")
-
-
-def test_seq_parallel_must_do_q_reaches_the_shard():
-    """`must_do_q_list` goes through to the shard's LiteAttention: the shard computes exactly what a single
-    LiteAttention with the same ranges computes, and the must-do q-tile keeps every tile."""
-    q, k, v = structured_qkv(1, 300, 2, 16, seed=11, sharpness=(1.0, 3.0))
-    shards = [(k[:, :180], v[:, :180]), (k[:, 180:], v[:, 180:])]
-    sp = SeqParallelLiteAttention(2, threshold=-3.0, tile_q=32, tile_k=32, backend="torch")
-    singles = [LiteAttention(threshold=-3.0, tile_q=32, tile_k=32, backend="torch") for _ in range(2)]
-    for step in range(3):
-        for idx, (ks, vs) in enumerate(shards):
-            out, lse = sp(q, ks, vs, idx, return_softmax_lse=True, must_do_q_list=[(193, 200)])
-            ref_out, ref_lse = singles[idx](q, ks, vs, return_softmax_lse=True, must_do_q_list=[(193, 200)])
-            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-            assert torch.equal(sp[idx].skip_state.read.to_dense(), singles[idx].skip_state.read.to_dense())
-    for idx in range(2):
-        final = sp[idx].skip_state.read.to_dense()
-        assert final[:, :, 6].all() and not final.all()  # q-tile 6 (rows 192..223) never drops a tile
-
-
-def test_seq_parallel_repr_and_tensor_threshold():
-    sp = SeqParallelLiteAttention(2, threshold=-5.0, tile_q=32, tile_k=64, backend="torch")
-    assert repr(sp) == ("SeqParallelLiteAttention(num_nodes=2, enable_skipping=True, threshold=-5.0, tile_q=32, "
-                        "tile_k=64, backend='torch', criterion='max', states=[none, none])")
-    q, k, v = structured_qkv(1, 100, 2, 16, seed=1)
-    sp(q, k[:, :70], v[:, :70], 1)
-    assert repr(sp).endswith("states=[none, (1, 2, 4, 2)])")
-    sp.set_threshold(torch.tensor(-2.0))  # as LiteAttention: a number or a one-element tensor
-    assert sp.threshold == -2.0 and all(a.threshold == -2.0 for a in sp.attns)
-    assert "threshold=-2.0" in repr(sp)
-
-
-# -- the eager path's imports (issue 15, item 6) -------------------------------------------------------------
-
-def test_eager_calls_do_not_import_dynamo():
-    """A plain eager call skips the custom op's dispatcher, whose kernel guard imports torch._dynamo (and sympy,
-    triton, ...: ~1.5 s) on the op's first call in a process. The module set is asserted, not the time."""
-    import subprocess
-    import sys
-
-    code = ("import sys, torch, liteattn\n"
-            "q = torch.randn(1, 100, 2, 16)\n"
-            "attn = liteattn.LiteAttention(threshold=-6.0, tile_q=32, tile_k=32)\n"
-            "for _ in range(2): out, lse = attn(q, q, q, return_softmax_lse=True, must_do_list=[(0, 10)])\n"
-            "sp = liteattn.SeqParallelLiteAttention(2, tile_q=32, tile_k=32)\n"
-            "sp(q, q[:, :50], q[:, :50], 0, must_do_q_list=[(0, 16)])\n"
-            "liteattn.lite_attention(q, q, q, tile_q=32, tile_k=32)\n"
-            "heavy = ('torch._dynamo', 'torch._inductor', 'sympy')\n"
-            "print(sorted(p for p in heavy if any(m == p or m.startswith(p + '.') for m in sys.modules)))\n")
-    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert result.stdout.strip() == "[]", result.stdout
-
-
-def test_the_custom_op_still_runs_when_something_watches_the_call():
-    """Autograd (backward raises), dispatch modes (the op is one node) and the direct path agree."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    q, k, v = structured_qkv(1, 100, 2, 16, seed=2)
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    direct, watched = (LiteAttention(threshold=-2.0, tile_q=32, tile_k=32, backend="torch") for _ in range(2))
-    for step in range(3):
-        out = direct(q, k, v)
-        with Ops() as ops:
-            ref = watched(q, k, v)
-        assert "liteattn.attention_fwd.default" in ops.seen
-        assert torch.equal(out, ref)
-        assert torch.equal(direct.skip_state.read.to_dense(), watched.skip_state.read.to_dense())
-    assert direct.sparsity > 0
-    qg = q.clone().requires_grad_()
-    out = LiteAttention(tile_q=32, tile_k=32, backend="torch")(qg, k, v)
-    assert out.requires_grad
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        out.sum().backward()
-
-
-def test_dense_calls_take_pytorchs_attention(monkeypatch):
-    """Issue 11: a call that reads every tile and decides nothing (skipping off, or -inf on an untouched state) is
-    plain attention, and runs PyTorch's scaled_dot_product_attention (cuDNN / FlashAttention on a GPU)."""
-    from liteattn import backends
-
-    chosen = []
-    real_choose = backends.choose
-    monkeypatch.setattr(backends, "choose", lambda *a, **kw: chosen.append(real_choose(*a, **kw)) or chosen[-1])
-    q, k, v = structured_qkv(1, 200, 2, 16, seed=3, sharpness=(1.0, 3.0))
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                            v.transpose(1, 2)).transpose(1, 2)
-    off = LiteAttention(enable_skipping=False, tile_q=32, tile_k=32)
-    assert torch.equal(off(q, k, v), sdpa) and chosen[-1] == "sdpa"
-    attn = LiteAttention(threshold=-math.inf, tile_q=32, tile_k=32)
-    for _ in range(2):
-        assert torch.equal(attn(q, k, v), sdpa) and chosen[-1] == "sdpa"
-        assert attn.skip_state.untouched and attn.sparsity == 0.0
-    attn(q, k, v, return_softmax_lse=True)  # an LSE is asked for: the core's dense path
-    assert chosen[-1] == "torch"
-    attn.set_threshold(-2.0)
-    attn(q, k, v)
-    assert chosen[-1] == "torch" and not attn.skip_state.untouched and attn.skip_state.sparsity() > 0
-    attn.set_threshold(-math.inf)  # tiles were dropped: the state path, on the narrowed list
-    attn(q, k, v)
-    assert chosen[-1] == "torch" and attn.sparsity > 0
-    attn.reset_skip_state()
-    attn(q, k, v)
-    assert chosen[-1] == "sdpa"
