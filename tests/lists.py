@@ -38,3 +38,18 @@ def exact_and_rounded_mass_calls(q, k, v, exact, write, tile, threshold, backend
     rounded = state.lse
     out = lite_attention(q, k, v, state=state, threshold=threshold, criterion="mass", backend=backend)
     return out, state.to_dense(), write.to_dense(), rounded
+
+
+def check_rounded_lse_keeps_the_exact_tiles(q, k, v, exact, write, tile, threshold, backend, rows_step):
+    """:func:`exact_and_rounded_mass_calls` on inputs whose rows' LSEs spread widely in a q-tile, checked: no row
+    clamped (each rounded less than its tile's step ``rows_step`` below the exact LSE), a superset of the exact
+    LSE's tiles with at most 3 more, not all tiles, and the state call against the oracle."""
+    from oracle import check_call
+
+    out, kept, kept_exact, rounded = exact_and_rounded_mass_calls(q, k, v, exact, write, tile, threshold, backend)
+    assert (rounded <= exact).all() and (exact - rounded < rows_step).all()  # no row clamped
+    assert not (kept_exact & ~kept).any(), f"threshold {threshold}: the rounded LSE dropped a tile"
+    assert int(kept.sum()) <= int(kept_exact.sum()) + 3 < kept.numel(), (threshold, int(kept.sum()),
+                                                                           int(kept_exact.sum()))
+    check_call(q, k, v, None, out, None, kept, threshold=threshold, tile_q=tile, tile_k=tile, criterion="mass",
+               lse_prev=rounded)
