@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -26,17 +27,23 @@ PINGPONG_STAGES = 3
 _LOG2E = 1.4426950408889634
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a TMA block (~11 us to build: once per block shape, not per call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], {torch.bfloat16: gl.bfloat16,
+                                                              torch.float16: gl.float16}[dtype])
+
+
 def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
     """Host TMA descriptors over the (B*S, H*D) row views of (B, S, H, D) inputs (a copy only when the layout has
     no such view; the descriptor keeps it alive)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
     out = []
     for x, rows in ((q, ROWS_PER_CONSUMER.value), (k, block_n), (v, block_n)):
-        view, block = rows_view(x), [rows, x.shape[-1]]
-        out.append(TensorDescriptor(view, list(view.shape), list(view.stride()), block,
-                                    gl.NVMMASharedLayout.get_default_for(block, dtype)))
+        view = rows_view(x)
+        out.append(TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, x.shape[-1]],
+                                    _shared_layout(rows, x.shape[-1], q.dtype)))
     return out
 
 
